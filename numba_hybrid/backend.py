@@ -16,7 +16,11 @@ def create_backend(device: str, model):
         from .reference import ReferenceBackend
 
         backend = ReferenceBackend(model)
-    elif device in ("cpu", "cuda"):
+    elif device == "cpu":
+        from .cpu.forward import CpuBackend
+
+        backend = CpuBackend(model)
+    elif device == "cuda":
         raise DeviceUnavailableError(f"device {device!r} is not available yet in this version")
     else:
         raise DeviceUnavailableError(

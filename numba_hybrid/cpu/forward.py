@@ -1,0 +1,166 @@
+"""The CPU backend: the decoder forward pass driven through the Numba kernels.
+
+Per step (one BatchPlan) each layer is a handful of kernel calls over all T tokens; the
+stateful ones (conv, delta-net scan, attention) take the plan's run arrays and update
+their slots in place. Weights stay in the file's memory map as raw GGML blocks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..models import RECURRENT
+from . import attention as attn_k
+from . import conv as conv_k
+from . import deltanet as dn_k
+from . import matmul as mm_k
+from . import moe as moe_k
+from . import norm as norm_k
+
+L2_NORM_EPS = 1e-6
+
+
+@dataclass(frozen=True)
+class QWeight:
+    """A weight matrix as the kernels take it: raw GGML rows ``uint8 [(E,) N, bytes]``."""
+
+    raw: np.ndarray
+    qtype: int
+    n_rows: int
+    row_len: int
+
+
+def qweight(t) -> QWeight:
+    data = np.ascontiguousarray(t.data)
+    lead = tuple(reversed(t.ne))[:-1]
+    raw = data.view(np.uint8).reshape(lead + (-1,))
+    return QWeight(raw, int(t.qtype), lead[-1], int(t.ne[0]))
+
+
+def vector(t) -> np.ndarray:
+    return np.ascontiguousarray(np.asarray(t.data, dtype=np.float32).reshape(-1))
+
+
+class CpuBackend:
+    name = "cpu"
+    state_dtype = np.float32
+    kv_dtype = np.float32
+
+    def __init__(self, model):
+        self.model = model
+        a = self.args = model.args
+        self.kq_map = a.kq_head_map().astype(np.int64)
+        half = a.n_rot // 2
+        self.inv_freq = a.rope_theta ** (-np.arange(half, dtype=np.float64) * 2.0 / a.n_rot)
+        self.embd = qweight(model.token_embd)
+        self.output = qweight(model.output)
+        self.output_norm = vector(model.output_norm)
+        self.layers = [self._prepare(layer) for layer in model.layers]
+
+    @staticmethod
+    def _prepare(layer) -> dict:
+        out = {"kind": layer.kind}
+        for name, t in layer.tensors.items():
+            is_matrix = len(t.ne) >= 2 and name != "ssm_conv1d"
+            if is_matrix:
+                out[name] = qweight(t)
+            elif name == "ssm_conv1d":
+                out[name] = np.ascontiguousarray(np.asarray(t.data, np.float32))  # [C, Kc]
+            else:
+                out[name] = vector(t)
+        return out
+
+    # ---- one step ---------------------------------------------------------------------
+
+    def forward(self, state, plan) -> np.ndarray:
+        a = self.args
+        T, H = plan.n_tokens, a.n_embd
+        x = np.empty((T, H), np.float32)
+        mm_k.gather_rows(self.embd.raw, self.embd.qtype, plan.tokens, x)
+        h = np.empty_like(x)
+        norm_k.rms_norm(x, self.layers[0]["attn_norm"], a.rms_eps, h)
+        for l, layer in enumerate(self.layers):
+            if layer["kind"] == RECURRENT:
+                m = self.deltanet(l, layer, h, state, plan)
+            else:
+                m = self.attention(l, layer, h, state, plan)
+            norm_k.add_rms_norm(x, m, layer["post_attention_norm"], a.rms_eps, h)
+            f = self.ffn(layer, h)
+            if l + 1 < len(self.layers):
+                norm_k.add_rms_norm(x, f, self.layers[l + 1]["attn_norm"], a.rms_eps, h)
+            else:
+                norm_k.add(x, f)
+        xo = np.ascontiguousarray(x[plan.out_rows])
+        xn = np.empty_like(xo)
+        norm_k.rms_norm(xo, self.output_norm, a.rms_eps, xn)
+        return self.matmul(xn, self.output)
+
+    @staticmethod
+    def matmul(x, w: QWeight) -> np.ndarray:
+        out = np.empty((x.shape[0], w.n_rows), np.float32)
+        mm_k.matmul(x, w.raw, w.qtype, out)
+        return out
+
+    def deltanet(self, l, layer, h, state, plan):
+        a = self.args
+        T = h.shape[0]
+        qkv = self.matmul(h, layer["attn_qkv"])
+        z = self.matmul(h, layer["attn_gate"])
+        beta = self.matmul(h, layer["ssm_beta"])
+        g = self.matmul(h, layer["ssm_alpha"])
+        dn_k.gates(beta, g, layer["ssm_dt"], layer["ssm_a"], beta, g)
+        c = np.empty_like(qkv)
+        conv_k.causal_conv(qkv, layer["ssm_conv1d"], state.conv[l], plan.run_start,
+                           plan.run_len, plan.run_slot, c)
+        o = np.empty((T, a.ssm_v_heads * a.ssm_v_dim), np.float32)
+        dn_k.scan(c, beta, g, state.ssm[l], self.kq_map, a.ssm_k_heads, a.ssm_k_dim,
+                  L2_NORM_EPS, plan.run_start, plan.run_len, plan.run_slot, o)
+        y = np.empty_like(o)
+        norm_k.gated_rms_norm(o, z, layer["ssm_norm"], a.rms_eps, y)
+        return self.matmul(y, layer["ssm_out"])
+
+    def attention(self, l, layer, h, state, plan):
+        a = self.args
+        T = h.shape[0]
+        qg = self.matmul(h, layer["attn_q"])
+        k = self.matmul(h, layer["attn_k"])
+        v = self.matmul(h, layer["attn_v"])
+        o = np.empty((T, a.n_head * a.head_dim), np.float32)
+        tok_slot = np.repeat(plan.run_slot, plan.run_len)
+        attn_k.attention(qg, k, v, layer["attn_q_norm"], layer["attn_k_norm"], a.rms_eps,
+                         self.inv_freq, state.k[l], state.v[l], plan.positions, tok_slot, o)
+        return self.matmul(o, layer["attn_output"])
+
+    def ffn(self, layer, h):
+        a = self.args
+        if a.ffn_kind == "dense":
+            act = np.empty((h.shape[0], a.n_ff), np.float32)
+            norm_k.swiglu(self.matmul(h, layer["ffn_gate"]), self.matmul(h, layer["ffn_up"]), act)
+            return self.matmul(act, layer["ffn_down"])
+        T, k = h.shape[0], a.n_expert_used
+        experts = np.empty((T, k), np.int64)
+        weights = np.empty((T, k), np.float32)
+        moe_k.route(self.matmul(h, layer["ffn_gate_inp"]), k, experts, weights)
+        src, exp_start, pair_of, counts = moe_k.group_pairs(experts, a.n_expert, a.n_ff_exp)
+        gate_w, up_w, down_w = layer["ffn_gate_exps"], layer["ffn_up_exps"], layer["ffn_down_exps"]
+        P = T * k
+        gate = np.empty((P, a.n_ff_exp), np.float32)
+        up = np.empty_like(gate)
+        tasks = moe_k.tasks_for(counts, a.n_ff_exp)
+        moe_k.expert_matmul(h, src, gate_w.raw, gate_w.qtype, exp_start, tasks, gate)
+        moe_k.expert_matmul(h, src, up_w.raw, up_w.qtype, exp_start, tasks, up)
+        norm_k.swiglu(gate, up, gate)
+        y = np.empty((P, a.n_embd), np.float32)
+        moe_k.expert_matmul(gate, np.arange(P, dtype=np.int64), down_w.raw, down_w.qtype,
+                            exp_start, moe_k.tasks_for(counts, a.n_embd), y)
+        out = np.zeros((T, a.n_embd), np.float32)
+        moe_k.combine(y, pair_of, weights, out)
+        if "ffn_gate_shexp" in layer:
+            act = np.empty((T, a.n_ff_shexp), np.float32)
+            norm_k.swiglu(self.matmul(h, layer["ffn_gate_shexp"]),
+                          self.matmul(h, layer["ffn_up_shexp"]), act)
+            moe_k.shared_gate(h, layer["ffn_gate_inp_shexp"],
+                              self.matmul(act, layer["ffn_down_shexp"]), out)
+        return out

@@ -1,0 +1,116 @@
+"""Mixture of experts: router, top-k, and expert matmuls grouped by expert.
+
+Legend: T tokens, H hidden, E experts, k experts per token, P = T*k (token, rank) pairs,
+Fe expert width, RB rows per task. Pairs are sorted by expert so each expert's weights are
+read once per step; each pair's output is kept apart and the k outputs of a token are summed
+in rank order, so a token's result does not depend on which other tokens chose its experts.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .dequant import dequant_row
+from .jit import kernel, prange
+from .matmul import RB, dot
+
+
+@kernel
+def route(logits, k, experts, weights):
+    """Softmax over E logits, top-k (ties to the lower index), renormalised.
+    logits [T, E] -> experts [T, k] int64, weights [T, k]."""
+    T, E = logits.shape
+    for t in prange(T):
+        m = logits[t, 0]
+        for e in range(E):
+            m = max(m, logits[t, e])
+        p = np.empty(E, np.float32)
+        s = np.float32(0.0)
+        for e in range(E):
+            p[e] = np.exp(logits[t, e] - m)
+            s += p[e]
+        for e in range(E):
+            p[e] /= s
+        taken = np.zeros(E, np.bool_)
+        tot = np.float32(0.0)
+        for j in range(k):
+            best = -1
+            for e in range(E):
+                if not taken[e] and (best < 0 or p[e] > p[best]):
+                    best = e
+            taken[best] = True
+            experts[t, j] = best
+            weights[t, j] = p[best]
+            tot += p[best]
+        tot = max(tot, np.float32(6.103515625e-5))
+        for j in range(k):
+            weights[t, j] /= tot
+
+
+@kernel
+def expert_matmul(x, src, raw, qtype, exp_start, tasks, out):
+    """For every pair p of expert e (pairs exp_start[e]..exp_start[e+1]):
+    out[p, :] = W_e @ x[src[p]].  raw uint8 [E, N, bytes_per_row]; tasks [n, 2] lists the
+    (expert, row block) pairs that have work."""
+    K = x.shape[1]
+    N = raw.shape[1]
+    for i in prange(tasks.shape[0]):
+        e, b = tasks[i, 0], tasks[i, 1]
+        r0 = b * RB
+        r1 = min(N, r0 + RB)
+        w = np.empty((RB, K), np.float32)
+        for r in range(r0, r1):
+            dequant_row(raw[e, r], qtype, w[r - r0])
+        for p in range(exp_start[e], exp_start[e + 1]):
+            xp = x[src[p]]
+            for r in range(r0, r1):
+                out[p, r] = dot(w[r - r0], xp)
+
+
+@kernel
+def combine(y, pair_of, weights, out):
+    """out[t] += sum_j weights[t, j] * y[pair_of[t, j]], ranks in order.  y [P, H]."""
+    T, k = weights.shape
+    for t in prange(T):
+        for i in range(out.shape[1]):
+            s = np.float32(0.0)
+            for j in range(k):
+                s += weights[t, j] * y[pair_of[t, j], i]
+            out[t, i] += s
+
+
+@kernel
+def shared_gate(x, w, y, out):
+    """out[t] += sigmoid(w . x[t]) * y[t].   x [T, H], w [H], y, out [T, H]."""
+    for t in prange(x.shape[0]):
+        s = np.float32(0.0)
+        for i in range(x.shape[1]):
+            s += w[i] * x[t, i]
+        gt = np.float32(1.0) / (np.float32(1.0) + np.exp(-s))
+        for i in range(out.shape[1]):
+            out[t, i] += gt * y[t, i]
+
+
+def group_pairs(experts: np.ndarray, n_expert: int, n_rows: int):
+    """Sort (token, rank) pairs by expert. Returns src token of each sorted pair,
+    exp_start [E+1], the sorted position of each (t, j) [T, k], and the work list of
+    (expert, row block) tasks for a matrix of ``n_rows`` rows."""
+    T, k = experts.shape
+    flat = experts.reshape(-1)
+    order = np.argsort(flat, kind="stable")
+    src = (order // k).astype(np.int64)
+    counts = np.bincount(flat, minlength=n_expert)
+    exp_start = np.zeros(n_expert + 1, np.int64)
+    np.cumsum(counts, out=exp_start[1:])
+    pair_of = np.empty(T * k, np.int64)
+    pair_of[order] = np.arange(T * k)
+    return src, exp_start, pair_of.reshape(T, k), counts
+
+
+def tasks_for(counts: np.ndarray, n_rows: int) -> np.ndarray:
+    used = np.flatnonzero(counts)
+    nb = (n_rows + RB - 1) // RB
+    tasks = np.empty((used.size * nb, 2), np.int64)
+    tasks[:, 0] = np.repeat(used, nb)
+    tasks[:, 1] = np.tile(np.arange(nb), used.size)
+    return tasks
