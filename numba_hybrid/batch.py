@@ -53,15 +53,29 @@ class BatchPlan:
         return self.positions[self.run_start + self.run_len - 1]
 
 
+_INT64_MAX = np.iinfo(np.int64).max
+
+
+def _as_array(name: str, values) -> np.ndarray:
+    try:
+        return np.asarray(values)
+    except (ValueError, TypeError) as exc:  # ragged nested lists, unconvertible objects
+        raise BatchError(f"{name} is not a 1-D array ({exc})") from None
+
+
 def _as_int_array(name: str, values, n: int | None) -> np.ndarray:
-    arr = np.asarray(values)
+    arr = _as_array(name, values)
     if arr.ndim != 1:
         raise BatchError(f"{name} must be a 1-D sequence, got shape {arr.shape}")
     if arr.size and arr.dtype.kind not in "iu":
-        if arr.dtype.kind == "f" and np.all(np.isfinite(arr)) and np.all(arr == np.round(arr)):
+        # Whole floats are accepted; anything beyond int64 would wrap when cast.
+        if (arr.dtype.kind == "f" and np.all(np.abs(arr) < 2.0**63)
+                and np.all(arr == np.round(arr))):
             arr = arr.astype(np.int64)
         else:
             raise BatchError(f"{name} must hold integers, got dtype {arr.dtype}")
+    if arr.size and arr.dtype.kind == "u" and arr.max() > _INT64_MAX:
+        raise BatchError(f"{name} holds {arr.max()}, which is out of range")
     if n is not None and arr.shape[0] != n:
         raise BatchError(f"{name} has {arr.shape[0]} entries, tokens has {n}")
     return arr.astype(np.int64)
@@ -80,9 +94,11 @@ def plan_batch(tokens, positions, seq_ids, want_logits, slot_pos: np.ndarray,
     if want_logits is None:
         want = np.ones(T, dtype=bool)
     else:
-        want = np.asarray(want_logits)
+        want = _as_array("logits flags", want_logits)
         if want.ndim != 1 or want.shape[0] != T:
             raise BatchError(f"logits flags must have {T} entries, got shape {want.shape}")
+        if T and want.dtype.kind not in "biu":  # "False" or None would silently cast
+            raise BatchError(f"logits flags must be booleans, got dtype {want.dtype}")
         want = want.astype(bool)
     n_slots = slot_pos.shape[0]
 

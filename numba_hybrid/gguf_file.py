@@ -3,16 +3,24 @@
 Parsing is done by ``gguf.GGUFReader``; this module turns whatever a damaged file makes it
 raise into one :class:`GGUFFormatError` naming the file, checks that every tensor's data
 lies inside the file, and exposes tensors as zero-copy views of the mapping.
+
+``GGUFReader`` trusts every count in the file: an array length of 2**60 makes it loop
+(and append to lists) long after the end of the file, because reads past the end return
+empty arrays instead of failing. :func:`_prescan` therefore walks the header, metadata and
+tensor infos once with ``struct`` (cheap: no NumPy objects per element) and checks every
+count and length against the bytes that remain, before ``GGUFReader`` is called.
 """
 
 from __future__ import annotations
 
+import mmap
 import os
+import struct
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueType
 
 from .errors import GGUFFormatError, ModelFormatError
 
@@ -24,6 +32,11 @@ _INT_TYPES = {
     GGUFValueType.UINT32, GGUFValueType.INT32, GGUFValueType.UINT64, GGUFValueType.INT64,
 }
 _FLOAT_TYPES = {GGUFValueType.FLOAT32, GGUFValueType.FLOAT64}
+
+# What gguf.GGUFReader (NumPy views of a memmap, enum lookups, UTF-8 decoding) raises on a
+# damaged file. UnicodeDecodeError is a ValueError, OverflowError an ArithmeticError.
+_PARSER_ERRORS = (ValueError, IndexError, KeyError, TypeError, ArithmeticError, MemoryError,
+                  AttributeError, RecursionError, EOFError, OSError, struct.error)
 
 
 @dataclass(frozen=True)
@@ -51,18 +64,38 @@ class TensorInfo:
         return int(np.prod(self.ne, dtype=np.int64))
 
 
+class _Reader(GGUFReader):
+    """GGUFReader whose metadata reads use a plain-ndarray view of its memory map.
+
+    Parsing does a few tiny reads per vocabulary entry; on an ``np.memmap`` each one goes
+    through memmap's Python-level ``__getitem__``/``__array_finalize__``, two thirds of
+    the parse time. Tensor data, read once ``data_offset`` is known, still come from the
+    memmap itself, exactly as in GGUFReader."""
+
+    def _get(self, offset, dtype, count=1, override_order=None):
+        if "data_offset" in self.__dict__:
+            return super()._get(offset, dtype, count, override_order)
+        plain = self.__dict__.get("_plain")
+        if plain is None:
+            plain = self._plain = self.data.view(np.ndarray)
+        count = int(count)
+        arr = plain[offset:offset + np.dtype(dtype).itemsize * count].view(dtype=dtype)[:count]
+        order = self.byte_order if override_order is None else override_order
+        return arr.view(arr.dtype.newbyteorder(order))
+
+
 class GGUFFile:
     """A parsed GGUF file. Weights stay in the memory map; nothing is copied."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
         _check_header(self.path)
+        _prescan(self.path)
         try:
-            reader = GGUFReader(self.path, "r")
+            reader = _Reader(self.path, "r")
         except GGUFFormatError:
             raise
-        except (ValueError, IndexError, KeyError, OverflowError, TypeError, MemoryError,
-                UnicodeDecodeError, AttributeError) as exc:
+        except _PARSER_ERRORS as exc:
             raise GGUFFormatError(f"{self.path}: damaged GGUF file ({exc})") from None
         self._reader = reader
         self.file_size = os.path.getsize(self.path)
@@ -73,8 +106,9 @@ class GGUFFile:
                 continue
             try:
                 self.metadata[name] = field.contents()
-            except (ValueError, IndexError, UnicodeDecodeError, TypeError) as exc:
-                raise GGUFFormatError(f"{self.path}: damaged metadata value {name!r} ({exc})")
+            except _PARSER_ERRORS as exc:
+                raise GGUFFormatError(
+                    f"{self.path}: damaged metadata value {name!r} ({exc})") from None
             self._field_types[name] = list(field.types)
         self.tensors: dict[str, TensorInfo] = {}
         for t in reader.tensors:
@@ -187,3 +221,161 @@ def _check_header(path: str) -> None:
             f"{path}: unsupported GGUF version {version} (supported: "
             f"{', '.join(map(str, SUPPORTED_VERSIONS))})"
         )
+
+
+# ---- structural pre-validation ------------------------------------------------------------
+
+_SCALAR_SIZES = {
+    GGUFValueType.UINT8: 1, GGUFValueType.INT8: 1, GGUFValueType.UINT16: 2,
+    GGUFValueType.INT16: 2, GGUFValueType.UINT32: 4, GGUFValueType.INT32: 4,
+    GGUFValueType.FLOAT32: 4, GGUFValueType.BOOL: 1, GGUFValueType.UINT64: 8,
+    GGUFValueType.INT64: 8, GGUFValueType.FLOAT64: 8,
+}
+_MIN_KV_BYTES = 8 + 4 + 1          # empty key, type, smallest value
+_MIN_TENSOR_INFO_BYTES = 8 + 4 + 4 + 8  # empty name, n_dims = 0, type, offset
+_MAX_DIMS = 4                      # GGML_MAX_DIMS
+_MAX_ARRAY_DEPTH = 4               # arrays of arrays: GGUFReader recurses per level
+_DEFAULT_ALIGNMENT = 32
+
+
+class _Cursor:
+    """Little-endian reads from a buffer that fail with a GGUFFormatError past its end."""
+
+    def __init__(self, buf, path: str):
+        self.buf, self.path, self.pos, self.end = buf, path, 0, len(buf)
+
+    def fail(self, msg: str):
+        raise GGUFFormatError(f"{self.path}: {msg}")
+
+    def need(self, n: int, what: str) -> None:
+        if n > self.end - self.pos:
+            self.fail(f"truncated file: {what} at byte {self.pos} needs {n} bytes, "
+                      f"only {self.end - self.pos} remain")
+
+    def u32(self, what: str) -> int:
+        self.need(4, what)
+        self.pos += 4
+        return struct.unpack_from("<I", self.buf, self.pos - 4)[0]
+
+    def u64(self, what: str) -> int:
+        self.need(8, what)
+        self.pos += 8
+        return struct.unpack_from("<Q", self.buf, self.pos - 8)[0]
+
+    def skip(self, n: int, what: str) -> None:
+        self.need(n, what)
+        self.pos += n
+
+    def string(self, what: str) -> str:
+        n = self.u64(f"length of {what}")
+        self.need(n, what)
+        raw = bytes(self.buf[self.pos:self.pos + n])
+        self.pos += n
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            self.fail(f"{what} at byte {self.pos - n} is not valid UTF-8")
+
+    def count(self, what: str, min_item_bytes: int) -> int:
+        """A count whose items take at least ``min_item_bytes`` each: it must fit."""
+        n = self.u64(what)
+        if n * min_item_bytes > self.end - self.pos:
+            self.fail(f"{what} is {n}, more than the remaining {self.end - self.pos} bytes "
+                      f"of the file can hold")
+        return n
+
+
+def _prescan(path: str) -> None:
+    """Walk header, metadata and tensor infos, checking every count, length and type
+    against the file before GGUFReader trusts them; raise GGUFFormatError on the first
+    problem. Tensor data are not read, only their extents checked."""
+    try:
+        with open(path, "rb") as fh:
+            with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+                _scan(_Cursor(buf, path))
+    except (OSError, ValueError) as exc:  # mmap of a special file, a file changing under us
+        if isinstance(exc, GGUFFormatError):
+            raise
+        raise GGUFFormatError(f"{path}: cannot read ({exc})") from None
+
+
+def _scan(c: _Cursor) -> None:
+    c.skip(8, "magic and version")  # checked by _check_header
+    n_tensors = c.count("tensor count", _MIN_TENSOR_INFO_BYTES)
+    n_kv = c.count("metadata key/value count", _MIN_KV_BYTES)
+    alignment = _DEFAULT_ALIGNMENT
+    seen: set[str] = set()
+    for i in range(n_kv):
+        key = c.string(f"metadata key #{i}")
+        if key in seen:
+            c.fail(f"metadata key {key!r} appears twice")
+        seen.add(key)
+        vtype = c.u32(f"type of metadata key {key!r}")
+        if key == "general.alignment" and vtype == GGUFValueType.UINT32:
+            alignment = c.u32(f"value of {key!r}")
+            if alignment == 0 or alignment & (alignment - 1):
+                c.fail(f"general.alignment {alignment} is not a power of two")
+        else:
+            _skip_value(c, vtype, key, 0)
+    names: set[str] = set()
+    extents = []
+    for i in range(n_tensors):
+        name = c.string(f"name of tensor #{i}")
+        if name in names:
+            c.fail(f"tensor {name!r} appears twice")
+        names.add(name)
+        n_dims = c.u32(f"dimension count of tensor {name!r}")
+        if n_dims > _MAX_DIMS:
+            c.fail(f"tensor {name!r} has {n_dims} dimensions (at most {_MAX_DIMS})")
+        ne = [c.u64(f"dimension {d} of tensor {name!r}") for d in range(n_dims)]
+        n_elements = 1
+        for n in ne:
+            n_elements *= n
+        if any(n >= 2**63 for n in ne) or n_elements >= 2**63:
+            c.fail(f"tensor {name!r} has an impossible shape (ne) {ne}")
+        raw_type = c.u32(f"type of tensor {name!r}")
+        try:
+            qtype = GGMLQuantizationType(raw_type)
+        except ValueError:
+            c.fail(f"tensor {name!r} has unknown type id {raw_type}")
+        block, type_size = GGML_QUANT_SIZES[qtype]
+        if ne and ne[0] % block:
+            c.fail(f"tensor {name!r} of type {qtype.name}: row length {ne[0]} is not a "
+                   f"multiple of the block size {block}")
+        offset = c.u64(f"data offset of tensor {name!r}")
+        if offset % alignment:
+            c.fail(f"data offset {offset} of tensor {name!r} is not a multiple of the "
+                   f"alignment {alignment}")
+        extents.append((name, offset, n_elements // block * type_size))
+    data_start = -(-c.pos // alignment) * alignment
+    for name, offset, n_bytes in extents:
+        if data_start + offset + n_bytes > c.end:
+            c.fail(f"data of tensor {name!r} runs past the end of the file (needs bytes up "
+                   f"to {data_start + offset + n_bytes}, file has {c.end})")
+
+
+def _skip_value(c: _Cursor, vtype: int, key: str, depth: int) -> None:
+    """Step over one metadata value of type ``vtype``."""
+    size = _SCALAR_SIZES.get(vtype)
+    if size is not None:
+        c.skip(size, f"value of {key!r}")
+    elif vtype == GGUFValueType.STRING:
+        c.skip(c.u64(f"string length of {key!r}"), f"string value of {key!r}")
+    elif vtype == GGUFValueType.ARRAY:
+        itype = c.u32(f"element type of array {key!r}")
+        size = _SCALAR_SIZES.get(itype)
+        if size is not None:
+            c.skip(c.count(f"length of array {key!r}", size) * size, f"array {key!r}")
+        elif itype == GGUFValueType.STRING:
+            for _ in range(c.count(f"length of array {key!r}", 8)):
+                c.skip(c.u64(f"string length in array {key!r}"), f"string in array {key!r}")
+        elif itype == GGUFValueType.ARRAY:
+            if depth + 1 >= _MAX_ARRAY_DEPTH:
+                c.fail(f"metadata array {key!r} nests arrays more than "
+                       f"{_MAX_ARRAY_DEPTH} deep")
+            for _ in range(c.count(f"length of array {key!r}", 12)):
+                _skip_value(c, itype, key, depth + 1)
+        else:
+            c.fail(f"array {key!r} has unknown element type {itype}")
+    else:
+        c.fail(f"metadata key {key!r} has unknown value type {vtype}")

@@ -8,7 +8,6 @@ import numpy as np
 
 from .backend import create_backend
 from .batch import plan_batch
-from .errors import BatchError
 from .gguf_file import GGUFFile
 from .models import read_model
 from .state import StatePool
@@ -74,9 +73,12 @@ class Model:
                 f"n_slots={self.n_slots}, n_ctx={self.n_ctx})")
 
 
-def load(path: str | os.PathLike, device: str = "reference", n_slots: int = 4,
+def load(path: str | os.PathLike | None = None, device: str = "reference", n_slots: int = 4,
          n_ctx: int = 4096) -> Model:
-    """Load a GGUF model. ``device``: "reference" | "cpu" | "cuda"."""
+    """Load a GGUF model (the bundled default model when ``path`` is None).
+    ``device``: "reference" | "cpu" | "cuda"."""
     if path is None:
-        raise BatchError("a model path is required")
+        from .default_model import default_model_path
+
+        path = default_model_path()
     return Model(path, device=device, n_slots=n_slots, n_ctx=n_ctx)

@@ -15,9 +15,12 @@ once and never reallocated; kernels update a slot's rows in place.
 
 from __future__ import annotations
 
+import math
+import os
+
 import numpy as np
 
-from .errors import BatchError
+from .errors import BatchError, NumbaHybridError
 from .models import ModelArgs
 
 
@@ -33,14 +36,30 @@ class StatePool:
         self.n_ctx = n_ctx
         a = args
         S = n_slots
-        self.conv = {l: xp.zeros((S, a.ssm_conv_kernel - 1, a.conv_channels), dtype)
-                     for l in a.recurrent_layers}
-        self.ssm = {l: xp.zeros((S, a.ssm_v_heads, a.ssm_v_dim, a.ssm_k_dim), dtype)
-                    for l in a.recurrent_layers}
-        self.k = {l: xp.zeros((S, n_ctx, a.n_head_kv, a.head_dim), kv_dtype)
-                  for l in a.attention_layers}
-        self.v = {l: xp.zeros((S, n_ctx, a.n_head_kv, a.head_dim), kv_dtype)
-                  for l in a.attention_layers}
+        conv_shape = (S, a.ssm_conv_kernel - 1, a.conv_channels)
+        ssm_shape = (S, a.ssm_v_heads, a.ssm_v_dim, a.ssm_k_dim)
+        kv_shape = (S, n_ctx, a.n_head_kv, a.head_dim)
+        # Size the pool before allocating it: an absurd n_ctx/n_slots (or hyper-parameter)
+        # must be one clear error, not a MemoryError -- or, with overcommit, a lazily
+        # mapped array that gets the process OOM-killed once it is touched.
+        need = (len(a.recurrent_layers) * np.dtype(dtype).itemsize
+                * (math.prod(conv_shape) + math.prod(ssm_shape))
+                + len(a.attention_layers) * 2 * np.dtype(kv_dtype).itemsize
+                * math.prod(kv_shape))
+        what = (f"the state for {S} slot(s) x {n_ctx} positions needs "
+                f"{need / 2**30:.1f} GiB")
+        ram = _physical_memory() if xp is np else None
+        if ram is not None and need > ram:
+            raise NumbaHybridError(f"{what}, more than this machine's {ram / 2**30:.1f} GiB "
+                                   f"of memory; lower n_ctx or n_slots")
+        try:
+            self.conv = {l: xp.zeros(conv_shape, dtype) for l in a.recurrent_layers}
+            self.ssm = {l: xp.zeros(ssm_shape, dtype) for l in a.recurrent_layers}
+            self.k = {l: xp.zeros(kv_shape, kv_dtype) for l in a.attention_layers}
+            self.v = {l: xp.zeros(kv_shape, kv_dtype) for l in a.attention_layers}
+        except MemoryError:
+            raise NumbaHybridError(f"{what}, which cannot be allocated; lower n_ctx or "
+                                   f"n_slots") from None
         self.pos = np.full(S, -1, dtype=np.int64)
 
     def buffers(self):
@@ -89,3 +108,11 @@ class StatePool:
 
     def nbytes(self) -> int:
         return int(sum(b.nbytes for b in self.buffers()))
+
+
+def _physical_memory() -> int | None:
+    """Bytes of RAM of this machine, or None where the OS does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None

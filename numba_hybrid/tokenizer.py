@@ -97,7 +97,9 @@ class Tokenizer:
                 f"pre-tokenizer {pre!r} (tokenizer.ggml.pre) is not supported "
                 f"(supported: {', '.join(sorted(PRE_TOKENIZER_REGEX))})")
         tokens = [str(t) for t in _required(gguf, "get_array", "tokenizer.ggml.tokens")]
-        types = [int(t) for t in _required(gguf, "get_array", "tokenizer.ggml.token_type")]
+        types = _required(gguf, "get_array", "tokenizer.ggml.token_type")
+        if not all(isinstance(t, int) for t in types):  # int("x") would escape as ValueError
+            raise ModelFormatError("tokenizer.ggml.token_type must be an array of integers")
         merges = _required(gguf, "get_array", "tokenizer.ggml.merges")
         if len(types) != len(tokens):
             raise ModelFormatError(f"tokenizer.ggml.token_type has {len(types)} entries but "
@@ -110,9 +112,14 @@ class Tokenizer:
         pairs = [tuple(str(m).split(" ", 1)) for m in merges]
         if any(len(p) != 2 for p in pairs):
             raise ModelFormatError("tokenizer.ggml.merges has an entry without a space")
-        hf = _HFTokenizer(models.BPE(
-            vocab=vocab, merges=pairs, unk_token=None, continuing_subword_prefix="",
-            end_of_word_suffix="", fuse_unk=False, byte_fallback=False, dropout=None))
+        try:
+            hf = _HFTokenizer(models.BPE(
+                vocab=vocab, merges=pairs, unk_token=None, continuing_subword_prefix="",
+                end_of_word_suffix="", fuse_unk=False, byte_fallback=False, dropout=None))
+        except Exception as exc:  # tokenizers raises a bare Exception, e.g. for a merge
+            # of tokens that are not in the vocabulary
+            raise ModelFormatError(f"tokenizer.ggml.merges do not fit the vocabulary "
+                                   f"({exc})") from None
         hf.normalizer = normalizers.NFC()
         hf.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Split(Regex(PRE_TOKENIZER_REGEX[pre]), behavior="isolated",

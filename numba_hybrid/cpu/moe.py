@@ -28,6 +28,7 @@ def route(logits, k, experts, weights):
         s = np.float32(0.0)
         for e in range(E):
             p[e] = np.exp(logits[t, e] - m)
+        for e in range(E):
             s += p[e]
         for e in range(E):
             p[e] /= s

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import ModelFormatError
+from ..errors import ModelFormatError, UnsupportedModelError
 from ..gguf_file import GGUFFile, TensorInfo
 from ..quants import check_supported
 
@@ -125,7 +125,7 @@ class ModelArgs:
             head_dim=head_dim,
             n_rot=f.get_int(p + "rope.dimension_count", head_dim),
             rope_theta=f.get_float(p + "rope.freq_base", 10000.0),
-            rope_sections=tuple(int(s) for s in f.get_array(p + "rope.dimension_sections", [])),
+            rope_sections=_int_tuple(f, p + "rope.dimension_sections"),
             ssm_conv_kernel=f.get_int(p + "ssm.conv_kernel"),
             ssm_k_heads=f.get_int(p + "ssm.group_count"),
             ssm_v_heads=hv,
@@ -174,6 +174,14 @@ class ModelArgs:
                 bad("expert_feed_forward_length is missing or zero")
         elif self.n_ff <= 0:
             bad("feed_forward_length is missing or zero for a dense model")
+
+
+def _int_tuple(f: GGUFFile, key: str) -> tuple[int, ...]:
+    """An optional array-of-integers key (an array of strings or floats is an error)."""
+    values = f.get_array(key, [])
+    if not all(isinstance(v, int) for v in values):
+        raise ModelFormatError(f"{f.path}: metadata key {key!r} must be an array of integers")
+    return tuple(int(v) for v in values)
 
 
 def _layer_kinds(f: GGUFFile, p: str, n_layer: int, n_block: int) -> tuple[str, ...]:
@@ -245,7 +253,10 @@ class Qwen3Next:
             if optional:
                 return None
             raise ModelFormatError(f"{self.file.path}: tensor {name!r} is missing")
-        check_supported(t.qtype, name)
+        try:
+            check_supported(t.qtype, name)
+        except UnsupportedModelError as exc:  # say which file, like every other load error
+            raise UnsupportedModelError(f"{self.file.path}: {exc}") from None
         have = _strip_trailing_ones(t.ne)
         if have != _strip_trailing_ones(ne):
             raise ModelFormatError(

@@ -1,0 +1,134 @@
+"""The CPU backend end to end: accuracy against the oracles, bitwise batch invariance,
+long-horizon drift against the float64 reference."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import numba_hybrid as nh
+from oracle import FIXTURES, MODELS, deq_reference_name, gguf_path, logits, rel_l2, sequences
+
+N_SLOTS = 8
+
+
+@functools.lru_cache(maxsize=None)
+def load(model: str, wtype: str, device: str = "cpu") -> nh.Model:
+    return nh.load(gguf_path(model, wtype), device=device, n_slots=N_SLOTS, n_ctx=640)
+
+
+def solo(m, ids, slot=0, dtype=np.float32):
+    n = len(ids)
+    return m.decode(ids, np.arange(n), np.full(n, slot), dtype=dtype)
+
+
+@pytest.mark.parametrize("model,wtype", FIXTURES, ids=[f"{m}-{t}" for m, t in FIXTURES])
+@pytest.mark.parametrize("seq", ["s7", "s40"])
+def test_exact_matches_llama_on_dequantized_weights(model, wtype, seq):
+    out = solo(load(model, wtype), sequences(model)[seq])
+    assert rel_l2(out, logits(model, deq_reference_name(wtype, seq))) <= 1e-4
+
+
+@pytest.mark.parametrize("seq", ["s7", "s40", "s130"])
+def test_exact_f32_matches_hf_float64(seq):
+    out = solo(load("qwen35-tiny", "f32"), sequences("qwen35-tiny")[seq])
+    assert rel_l2(out, logits("qwen35-tiny", f"hf_f64_{seq}")) <= 1e-4
+
+
+def _prompts(model: str) -> dict[int, list[int]]:
+    """Six sequences of different lengths (1 to 130 tokens) from the fixture texts."""
+    s = sequences(model)
+    return {0: s["s130"], 1: s["s7"], 2: s["s40"], 3: s["s130"][50:51],
+            4: s["s40"][::-1][:23], 5: s["s130"][::-1][:64]}
+
+
+@functools.lru_cache(maxsize=None)
+def _alone(model: str, wtype: str):
+    """(a) token by token and (b) whole prompt, each sequence alone on slot 0."""
+    m = load(model, wtype)
+    by_token, whole = {}, {}
+    for i, ids in _prompts(model).items():
+        whole[i] = solo(m, ids)
+        rows = [m.decode([tok], [p], [0]) for p, tok in enumerate(ids)]
+        by_token[i] = np.concatenate(rows)
+    return by_token, whole
+
+
+def _mixed(m, prompts: dict[int, list[int]], rng) -> dict[int, np.ndarray]:
+    """(c) all together: sequences join at random steps on random free slots (busy slots
+    not consecutive), prompts split into random micro-batches, decode tokens of several
+    sequences interleaved in one batch in random order; finished sequences leave and
+    their slots are reused."""
+    waiting = list(rng.permutation(list(prompts)))
+    running: dict[int, tuple[int, int]] = {}          # slot -> (sequence, tokens done)
+    out = {i: [None] * len(ids) for i, ids in prompts.items()}
+    while waiting or running:
+        free = [s for s in range(N_SLOTS) if s not in running]
+        while waiting and free and (not running or rng.random() < 0.5):
+            slot = int(free.pop(int(rng.integers(len(free)))))
+            running[slot] = (int(waiting.pop()), 0)
+        toks, pos, sid = [], [], []
+        for slot, (i, done) in running.items():
+            n = min(len(prompts[i]) - done, int(rng.integers(1, 9)) if rng.random() < 0.5 else 1)
+            toks += prompts[i][done:done + n]
+            pos += range(done, done + n)
+            sid += [slot] * n
+        order = rng.permutation(len(toks))
+        toks, pos, sid = (np.asarray(v)[order] for v in (toks, pos, sid))
+        res = m.decode(toks, pos, sid)
+        for row, s, p in zip(res, sid, pos):
+            out[running[s][0]][p] = row
+        for s in set(sid.tolist()):
+            i, done = running[s]
+            done += int(np.sum(sid == s))
+            running[s] = (i, done)
+            if done == len(prompts[i]):
+                del running[s]
+                m.reset(s)
+    return {i: np.stack(rows) for i, rows in out.items()}
+
+
+@pytest.mark.parametrize("model,wtype", [("qwen35-tiny", "q4_k_m"), ("qwen3next-tiny", "q8_0"),
+                                         ("qwen35moe-tiny", "q6_k")])
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**32 - 1))
+def test_batch_invariance_is_bitwise(model, wtype, seed):
+    by_token, whole = _alone(model, wtype)
+    mixed = _mixed(load(model, wtype), _prompts(model), np.random.default_rng(seed))
+    for i in _prompts(model):
+        assert np.array_equal(by_token[i], whole[i]), f"sequence {i}: token-by-token != prefill"
+        assert np.array_equal(mixed[i], whole[i]), f"sequence {i}: mixed batch != alone"
+
+
+def test_long_decode_stays_close_to_float64_reference():
+    """512 single-token decode steps on the CPU vs one float64 reference prefill."""
+    rng = np.random.default_rng(7)
+    ids = rng.integers(0, 4093, 512).tolist()
+    ref = solo(load("qwen35-tiny", "q8_0", "reference"), ids, dtype=np.float64)
+    m = load("qwen35-tiny", "q8_0")
+    m.reset(0)
+    errs = []
+    for p, tok in enumerate(ids):
+        row = m.decode([tok], [p], [0])[0]
+        errs.append(rel_l2(row, ref[p]))
+    assert max(errs) <= 1e-3, (int(np.argmax(errs)), max(errs))
+
+
+def test_invalid_batch_leaves_state_untouched():
+    m = load("qwen35moe-tiny", "q8_0")
+    ids = sequences("qwen35moe-tiny")["s40"]
+    m.reset(0)
+    m.reset(2)
+    solo(m, ids[:10], slot=0)
+    solo(m, ids[:5], slot=2)
+    before = [b.copy() for b in m.state.buffers()]
+    pos = m.state.pos.copy()
+    with pytest.raises(nh.BatchError):
+        # slot 2 continues correctly, slot 0 skips a position: nothing may change.
+        m.decode([1, 2, 3], [5, 6, 11], [2, 2, 0])
+    assert np.array_equal(pos, m.state.pos)
+    assert all(np.array_equal(a, b) for a, b in zip(before, m.state.buffers()))
