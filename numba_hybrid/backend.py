@@ -11,19 +11,27 @@ log = logging.getLogger("numba_hybrid")
 DEVICES = ("reference", "cpu", "cuda")
 
 
-def create_backend(device: str, model):
+PRECISIONS = ("exact", "fast")
+
+
+def create_backend(device: str, model, precision: str = "exact"):
+    """``precision``: "exact" keeps activations in float32 (weights dequantised exactly);
+    "fast" rounds activations before each product with a quantised weight as ggml does."""
+    if precision not in PRECISIONS:
+        raise DeviceUnavailableError(
+            f"unknown precision {precision!r} (choose one of: {', '.join(PRECISIONS)})")
     if device == "reference":
         from .reference import ReferenceBackend
 
-        backend = ReferenceBackend(model)
+        backend = ReferenceBackend(model, precision)
     elif device == "cpu":
         from .cpu.forward import CpuBackend
 
-        backend = CpuBackend(model)
+        backend = CpuBackend(model, precision)
     elif device == "cuda":
         raise DeviceUnavailableError(f"device {device!r} is not available yet in this version")
     else:
         raise DeviceUnavailableError(
             f"unknown device {device!r} (choose one of: {', '.join(DEVICES)})")
-    log.info("numba_hybrid: using the %s backend", backend.name)
+    log.info("numba_hybrid: using the %s backend, %s precision", backend.name, precision)
     return backend

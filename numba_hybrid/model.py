@@ -23,7 +23,7 @@ class Model:
     """
 
     def __init__(self, path: str | os.PathLike, device: str = "reference", n_slots: int = 4,
-                 n_ctx: int = 4096):
+                 n_ctx: int = 4096, precision: str = "exact", threads: int | None = None):
         if int(n_slots) < 1:
             raise ValueError(f"n_slots must be at least 1, got {n_slots}")
         if int(n_ctx) < 1:
@@ -33,8 +33,11 @@ class Model:
         self.weights = read_model(self.file)
         self.args = self.weights.args
         self.tokenizer = Tokenizer.from_gguf(self.file)
-        self.backend = create_backend(device, self.weights)
+        if threads is not None:
+            set_threads(threads)
+        self.backend = create_backend(device, self.weights, precision)
         self.device = device
+        self.precision = precision
         self.state = StatePool(self.args, int(n_slots), int(n_ctx),
                                dtype=self.backend.state_dtype, kv_dtype=self.backend.kv_dtype)
 
@@ -67,6 +70,34 @@ class Model:
         """The next position of a sequence (0 for an empty slot)."""
         return int(self.state.pos[self.state.check_slot(seq_id)]) + 1
 
+    def generate(self, prompt, max_tokens: int | None = 256, sampling=None,
+                 stream: bool = False, stop=None, ignore_eos: bool = False,
+                 max_batch_tokens: int = 512, logits_processors=()):
+        """Continue a prompt (a string or token ids) or a list of prompts, concurrently on
+        the model's slots (more prompts than slots wait for a free one).
+
+        ``sampling``: a :class:`SamplingParams` (default: llama.cpp's temperature 0.8,
+        top-k 40, top-p 0.95, min-p 0.05; ``SamplingParams.greedy()`` for argmax).
+        Stops at an end-of-generation token, a ``stop`` string, ``max_tokens`` (None: no
+        limit) or a full context. Returns a Completion (text, token_ids, finish_reason,
+        seed), or a list of them; with ``stream=True`` a generator of text pieces (``str``,
+        or ``(index, str)`` for a list), never half a UTF-8 character. The slots are used
+        from position 0 and left empty."""
+        from .engine import generate
+
+        return generate(self, prompt, max_tokens=max_tokens, sampling=sampling,
+                        stream=stream, stop=stop, ignore_eos=ignore_eos,
+                        max_batch_tokens=max_batch_tokens,
+                        logits_processors=logits_processors)
+
+    def chat(self, messages, **kwargs):
+        """Reply to a conversation (a list of ``{"role", "content"}`` dicts), or to a list
+        of conversations, through the GGUF's chat template; options and results as in
+        :meth:`generate`."""
+        from .engine import chat
+
+        return chat(self, messages, **kwargs)
+
     def __repr__(self) -> str:
         a = self.args
         return (f"Model({os.path.basename(self.path)!r}, arch={a.arch}, device={self.device}, "
@@ -74,11 +105,25 @@ class Model:
 
 
 def load(path: str | os.PathLike | None = None, device: str = "reference", n_slots: int = 4,
-         n_ctx: int = 4096) -> Model:
+         n_ctx: int = 4096, precision: str = "exact", threads: int | None = None) -> Model:
     """Load a GGUF model (the bundled default model when ``path`` is None).
-    ``device``: "reference" | "cpu" | "cuda"."""
+
+    ``device``: "reference" | "cpu" | "cuda". ``precision``: "exact" (float32 activations)
+    or "fast" (activations rounded to 8-bit blocks as ggml does). ``threads``: CPU threads
+    for the kernels (default: all)."""
     if path is None:
         from .default_model import default_model_path
 
         path = default_model_path()
-    return Model(path, device=device, n_slots=n_slots, n_ctx=n_ctx)
+    return Model(path, device=device, n_slots=n_slots, n_ctx=n_ctx, precision=precision,
+                 threads=threads)
+
+
+def set_threads(n: int) -> None:
+    """Use n threads in the CPU kernels (1 .. the number Numba started with)."""
+    import numba
+
+    top = numba.config.NUMBA_NUM_THREADS
+    if not 1 <= int(n) <= top:
+        raise ValueError(f"threads must be between 1 and {top}, got {n}")
+    numba.set_num_threads(int(n))

@@ -233,3 +233,65 @@ def dequantize(data: np.ndarray, qtype: QT, *, name: str = "?") -> np.ndarray:
     for start in range(0, len(blocks), _CHUNK_BLOCKS):
         out[start:start + _CHUNK_BLOCKS] = fn(blocks[start:start + _CHUNK_BLOCKS])
     return out.reshape(*data.shape[:-1], row_bytes // type_size * block_size)
+
+
+# ---- activation quantisation (precision="fast") ------------------------------------------
+#
+# With quantised weights ggml rounds the activations too before each dot product: to 8-bit
+# blocks of 32 (Q8_0, for the 32-element weight types) or of 256 (Q8_K, for the K-quants and
+# IQ4_XS), to bf16 for BF16 weights and to f16 for F16 weights. ``precision="fast"`` does the
+# same; these functions give the rounded activations as float32 values, identically in the
+# NumPy reference and the Numba kernels.
+
+ACT_NONE, ACT_Q8_0, ACT_Q8_K, ACT_F16, ACT_BF16 = 0, 1, 2, 3, 4
+
+_ACTIVATION_KIND = {
+    QT.F32: ACT_NONE, QT.F16: ACT_F16, QT.BF16: ACT_BF16,
+    QT.Q8_0: ACT_Q8_0, QT.Q4_0: ACT_Q8_0, QT.Q4_1: ACT_Q8_0, QT.Q5_0: ACT_Q8_0,
+    QT.Q5_1: ACT_Q8_0, QT.IQ4_NL: ACT_Q8_0,
+    QT.Q2_K: ACT_Q8_K, QT.Q3_K: ACT_Q8_K, QT.Q4_K: ACT_Q8_K, QT.Q5_K: ACT_Q8_K,
+    QT.Q6_K: ACT_Q8_K, QT.IQ4_XS: ACT_Q8_K,
+}
+
+
+def activation_kind(qtype: QT) -> int:
+    """How ``precision="fast"`` rounds the activations that meet a weight of this type."""
+    return _ACTIVATION_KIND[QT(qtype)]
+
+
+def round_activations(x: np.ndarray, kind: int) -> np.ndarray:
+    """x float32 [T, K] -> the float32 values ggml's activation quantisation represents.
+
+    Q8_0: per 32 values d = amax/127, q = round_half_even(x * 127/amax), value fp16(d) * q.
+    Q8_K: per 256 values m = the x of largest |x| (first one), s = -127/m,
+          q = min(127, round_half_even(x * s)), value (1/s) * q.
+    F16 / BF16: x rounded to nearest even in that format.
+    """
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if kind == ACT_NONE:
+        return x.copy()
+    if kind == ACT_F16:
+        return x.astype(np.float16).astype(np.float32)
+    if kind == ACT_BF16:
+        bits = x.view(np.uint32).astype(np.uint64)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16 << 16
+        return bits.astype(np.uint32).view(np.float32)
+    T, K = x.shape
+    if kind == ACT_Q8_0:
+        b = x.reshape(T, K // 32, 32)
+        amax = np.max(np.abs(b), axis=2, keepdims=True)
+        with np.errstate(divide="ignore"):
+            inv = np.where(amax > 0, np.float32(127.0) / amax, np.float32(0.0)).astype(np.float32)
+        q = np.rint(b * inv)
+        d = (amax / np.float32(127.0)).astype(np.float16).astype(np.float32)
+        return (d * q).reshape(T, K)
+    b = x.reshape(T, K // 256, 256)
+    idx = np.argmax(np.abs(b), axis=2)[..., None]
+    m = np.take_along_axis(b, idx, axis=2)
+    nz = m != 0
+    with np.errstate(divide="ignore"):
+        s = np.where(nz, np.float32(-127.0) / np.where(nz, m, 1), np.float32(0.0))
+        s = s.astype(np.float32)
+        d = np.where(nz, np.float32(1.0) / np.where(nz, s, 1), np.float32(0.0)).astype(np.float32)
+    q = np.minimum(np.float32(127.0), np.rint(b * s))
+    return (d * q).reshape(T, K)

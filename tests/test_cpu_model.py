@@ -17,8 +17,9 @@ N_SLOTS = 8
 
 
 @functools.lru_cache(maxsize=None)
-def load(model: str, wtype: str, device: str = "cpu") -> nh.Model:
-    return nh.load(gguf_path(model, wtype), device=device, n_slots=N_SLOTS, n_ctx=640)
+def load(model: str, wtype: str, device: str = "cpu", precision: str = "exact") -> nh.Model:
+    return nh.load(gguf_path(model, wtype), device=device, n_slots=N_SLOTS, n_ctx=640,
+                   precision=precision)
 
 
 def solo(m, ids, slot=0, dtype=np.float32):
@@ -47,9 +48,9 @@ def _prompts(model: str) -> dict[int, list[int]]:
 
 
 @functools.lru_cache(maxsize=None)
-def _alone(model: str, wtype: str):
+def _alone(model: str, wtype: str, precision: str):
     """(a) token by token and (b) whole prompt, each sequence alone on slot 0."""
-    m = load(model, wtype)
+    m = load(model, wtype, precision=precision)
     by_token, whole = {}, {}
     for i, ids in _prompts(model).items():
         whole[i] = solo(m, ids)
@@ -92,16 +93,43 @@ def _mixed(m, prompts: dict[int, list[int]], rng) -> dict[int, np.ndarray]:
     return {i: np.stack(rows) for i, rows in out.items()}
 
 
+@pytest.mark.parametrize("precision", ["exact", "fast"])
 @pytest.mark.parametrize("model,wtype", [("qwen35-tiny", "q4_k_m"), ("qwen3next-tiny", "q8_0"),
                                          ("qwen35moe-tiny", "q6_k")])
-@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 2**32 - 1))
-def test_batch_invariance_is_bitwise(model, wtype, seed):
-    by_token, whole = _alone(model, wtype)
-    mixed = _mixed(load(model, wtype), _prompts(model), np.random.default_rng(seed))
+def test_batch_invariance_is_bitwise(model, wtype, precision, seed):
+    by_token, whole = _alone(model, wtype, precision)
+    mixed = _mixed(load(model, wtype, precision=precision), _prompts(model),
+                   np.random.default_rng(seed))
     for i in _prompts(model):
         assert np.array_equal(by_token[i], whole[i]), f"sequence {i}: token-by-token != prefill"
         assert np.array_equal(mixed[i], whole[i]), f"sequence {i}: mixed batch != alone"
+
+
+def test_fast_matches_reference_with_the_same_activation_rounding():
+    """precision="fast" against the float64 reference that rounds activations the same way,
+    on the first token of every fixture sequence (36 cases).
+
+    Rounding is discontinuous: now and then a value lands within float32 noise of a rounding
+    boundary and the two engines legitimately take different sides; these random tiny
+    models amplify one such flip to ~1e-2 (measured: 1 case in 36). A wrong rounding rule
+    would put every case near 1e-2, so the check is on the distribution. BF16 is left out
+    here (8 significant bits: a flip on most tokens) and checked bit for bit per op in
+    test_cpu_kernels, like every other rounding kind."""
+    errs = []
+    for model, wtype in FIXTURES:
+        if wtype == "bf16":
+            continue
+        ref = load(model, wtype, "reference", "fast")
+        cpu = load(model, wtype, "cpu", "fast")
+        for seq in ("s7", "s40", "s130"):
+            tok = sequences(model)[seq][:1]
+            a = ref.decode(tok, [0], [0], dtype=np.float64)
+            errs.append(rel_l2(cpu.decode(tok, [0], [0]), a))
+    errs = np.array(errs)
+    assert np.median(errs) <= 1e-6, errs
+    assert np.mean(errs <= 1e-4) >= 0.9, errs
 
 
 def test_long_decode_stays_close_to_float64_reference():

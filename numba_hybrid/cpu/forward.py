@@ -12,12 +12,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..models import RECURRENT
+from ..quants import ACT_NONE, activation_kind
 from . import attention as attn_k
 from . import conv as conv_k
 from . import deltanet as dn_k
 from . import matmul as mm_k
 from . import moe as moe_k
 from . import norm as norm_k
+from . import quantize as quant_k
 
 L2_NORM_EPS = 1e-6
 
@@ -30,13 +32,14 @@ class QWeight:
     qtype: int
     n_rows: int
     row_len: int
+    act: int            # how precision="fast" rounds this matrix's input (quants.ACT_*)
 
 
 def qweight(t) -> QWeight:
     data = np.ascontiguousarray(t.data)
     lead = tuple(reversed(t.ne))[:-1]
     raw = data.view(np.uint8).reshape(lead + (-1,))
-    return QWeight(raw, int(t.qtype), lead[-1], int(t.ne[0]))
+    return QWeight(raw, int(t.qtype), lead[-1], int(t.ne[0]), activation_kind(t.qtype))
 
 
 def vector(t) -> np.ndarray:
@@ -48,8 +51,9 @@ class CpuBackend:
     state_dtype = np.float32
     kv_dtype = np.float32
 
-    def __init__(self, model):
+    def __init__(self, model, precision: str = "exact"):
         self.model = model
+        self.fast = precision == "fast"
         a = self.args = model.args
         self.kq_map = a.kq_head_map().astype(np.int64)
         half = a.n_rot // 2
@@ -97,10 +101,18 @@ class CpuBackend:
         norm_k.rms_norm(xo, self.output_norm, a.rms_eps, xn)
         return self.matmul(xn, self.output)
 
-    @staticmethod
-    def matmul(x, w: QWeight) -> np.ndarray:
+    def rounded(self, x, w: QWeight) -> np.ndarray:
+        """The input of a product with w: x itself, or in fast precision x rounded the way
+        ggml quantises activations for w's type."""
+        if not self.fast or w.act == ACT_NONE:
+            return x
+        out = np.empty_like(x)
+        quant_k.round_activations(x, w.act, out)
+        return out
+
+    def matmul(self, x, w: QWeight) -> np.ndarray:
         out = np.empty((x.shape[0], w.n_rows), np.float32)
-        mm_k.matmul(x, w.raw, w.qtype, out)
+        mm_k.matmul(self.rounded(x, w), w.raw, w.qtype, out)
         return out
 
     def deltanet(self, l, layer, h, state, plan):
@@ -149,12 +161,15 @@ class CpuBackend:
         gate = np.empty((P, a.n_ff_exp), np.float32)
         up = np.empty_like(gate)
         tasks = moe_k.tasks_for(counts, a.n_ff_exp)
-        moe_k.expert_matmul(h, src, gate_w.raw, gate_w.qtype, exp_start, tasks, gate)
-        moe_k.expert_matmul(h, src, up_w.raw, up_w.qtype, exp_start, tasks, up)
+        moe_k.expert_matmul(self.rounded(h, gate_w), src, gate_w.raw, gate_w.qtype, exp_start,
+                            tasks, gate)
+        moe_k.expert_matmul(self.rounded(h, up_w), src, up_w.raw, up_w.qtype, exp_start, tasks,
+                            up)
         norm_k.swiglu(gate, up, gate)
         y = np.empty((P, a.n_embd), np.float32)
-        moe_k.expert_matmul(gate, np.arange(P, dtype=np.int64), down_w.raw, down_w.qtype,
-                            exp_start, moe_k.tasks_for(counts, a.n_embd), y)
+        moe_k.expert_matmul(self.rounded(gate, down_w), np.arange(P, dtype=np.int64),
+                            down_w.raw, down_w.qtype, exp_start,
+                            moe_k.tasks_for(counts, a.n_embd), y)
         out = np.zeros((T, a.n_embd), np.float32)
         moe_k.combine(y, pair_of, weights, out)
         if "ffn_gate_shexp" in layer:

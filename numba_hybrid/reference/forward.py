@@ -21,18 +21,27 @@ class ReferenceBackend:
     state_dtype = np.float64
     kv_dtype = np.float64
 
-    def __init__(self, model):
+    def __init__(self, model, precision: str = "exact"):
         self.model = model
         self.args = model.args
+        self.fast = precision == "fast"
         self.kq_map = self.args.kq_head_map()
         self._cache: dict[int, np.ndarray] = {}
+        self._linear: dict[int, ops.Linear] = {}
 
     def w(self, t) -> np.ndarray:
-        """Dequantised float64 copy of a tensor, made on first use."""
+        """Dequantised float64 copy of a tensor (a vector), made on first use."""
         key = id(t)
         if key not in self._cache:
             self._cache[key] = ops.prepare_weight(t)
         return self._cache[key]
+
+    def lin(self, t) -> ops.Linear:
+        """A weight matrix as a Linear (with the activation rounding of the precision)."""
+        key = id(t)
+        if key not in self._linear:
+            self._linear[key] = ops.Linear(t, self.fast)
+        return self._linear[key]
 
     def forward(self, state, plan) -> np.ndarray:
         """Run the batch; returns float64 logits [n_out, V] for plan.out_rows."""
@@ -48,16 +57,15 @@ class ReferenceBackend:
             f = ops.rms_norm(x, self.w(layer["post_attention_norm"]), a.rms_eps)
             x = x + self.ffn(layer, f)
         xo = ops.rms_norm(x[plan.out_rows], self.w(m.output_norm), a.rms_eps)
-        return ops.matmul(xo, self.w(m.output))
+        return self.lin(m.output)(xo)
 
     def deltanet(self, l, layer, h, state, plan):
-        a, w = self.args, self.w
+        a, w, lin = self.args, self.w, self.lin
         T = h.shape[0]
         hk, hv, dk, dv = a.ssm_k_heads, a.ssm_v_heads, a.ssm_k_dim, a.ssm_v_dim
-        qkv = ops.matmul(h, w(layer["attn_qkv"]))                              # [T, C]
-        z = ops.matmul(h, w(layer["attn_gate"])).reshape(T, hv, dv)
-        beta, g = ops.deltanet_gates(ops.matmul(h, w(layer["ssm_beta"])),
-                                     ops.matmul(h, w(layer["ssm_alpha"])),
+        qkv = lin(layer["attn_qkv"])(h)                                        # [T, C]
+        z = lin(layer["attn_gate"])(h).reshape(T, hv, dv)
+        beta, g = ops.deltanet_gates(lin(layer["ssm_beta"])(h), lin(layer["ssm_alpha"])(h),
                                      w(layer["ssm_dt"]), w(layer["ssm_a"]))
         c = ops.causal_conv(qkv, w(layer["ssm_conv1d"]), state.conv[l], plan)
         q = c[:, :hk * dk].reshape(T, hk, dk)
@@ -67,31 +75,31 @@ class ReferenceBackend:
         k = ops.l2_norm(k, L2_NORM_EPS)
         o = ops.deltanet_scan(q, k, v, g, beta, state.ssm[l], self.kq_map, plan)
         y = ops.gated_rms_norm(o, z, w(layer["ssm_norm"]), a.rms_eps)
-        return ops.matmul(y.reshape(T, hv * dv), w(layer["ssm_out"]))
+        return lin(layer["ssm_out"])(y.reshape(T, hv * dv))
 
     def attention(self, l, layer, h, state, plan):
-        a, w = self.args, self.w
+        a, w, lin = self.args, self.w, self.lin
         T = h.shape[0]
         nh, nkv, hd = a.n_head, a.n_head_kv, a.head_dim
-        qg = ops.matmul(h, w(layer["attn_q"])).reshape(T, nh, 2 * hd)
+        qg = lin(layer["attn_q"])(h).reshape(T, nh, 2 * hd)
         q, gate = qg[..., :hd], qg[..., hd:]
-        k = ops.matmul(h, w(layer["attn_k"])).reshape(T, nkv, hd)
-        v = ops.matmul(h, w(layer["attn_v"])).reshape(T, nkv, hd)
+        k = lin(layer["attn_k"])(h).reshape(T, nkv, hd)
+        v = lin(layer["attn_v"])(h).reshape(T, nkv, hd)
         q = ops.rms_norm(q, w(layer["attn_q_norm"]), a.rms_eps)
         k = ops.rms_norm(k, w(layer["attn_k_norm"]), a.rms_eps)
         q = ops.rope_neox(q, plan.positions, a.n_rot, a.rope_theta)
         k = ops.rope_neox(k, plan.positions, a.n_rot, a.rope_theta)
         o = ops.attention(q, k, v, state.k[l], state.v[l], plan) * ops.sigmoid(gate)
-        return ops.matmul(o.reshape(T, nh * hd), w(layer["attn_output"]))
+        return lin(layer["attn_output"])(o.reshape(T, nh * hd))
 
     def ffn(self, layer, f):
-        a, w = self.args, self.w
+        a, lin = self.args, self.lin
         if a.ffn_kind == "dense":
-            return ops.swiglu(f, w(layer["ffn_gate"]), w(layer["ffn_up"]), w(layer["ffn_down"]))
-        out = ops.moe(f, w(layer["ffn_gate_inp"]), w(layer["ffn_gate_exps"]),
-                      w(layer["ffn_up_exps"]), w(layer["ffn_down_exps"]), a.n_expert_used)
+            return ops.swiglu(f, lin(layer["ffn_gate"]), lin(layer["ffn_up"]), lin(layer["ffn_down"]))
+        out = ops.moe(f, lin(layer["ffn_gate_inp"]), lin(layer["ffn_gate_exps"]),
+                      lin(layer["ffn_up_exps"]), lin(layer["ffn_down_exps"]), a.n_expert_used)
         if layer.get("ffn_gate_shexp") is not None:
-            out = out + ops.shared_expert(f, w(layer["ffn_gate_shexp"]), w(layer["ffn_up_shexp"]),
-                                          w(layer["ffn_down_shexp"]),
-                                          w(layer["ffn_gate_inp_shexp"]))
+            out = out + ops.shared_expert(f, lin(layer["ffn_gate_shexp"]),
+                                          lin(layer["ffn_up_shexp"]), lin(layer["ffn_down_shexp"]),
+                                          self.w(layer["ffn_gate_inp_shexp"]))
         return out

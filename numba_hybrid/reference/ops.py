@@ -11,12 +11,28 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..quants import dequantize
+from ..quants import ACT_NONE, activation_kind, dequantize, round_activations
 
 
 def prepare_weight(t) -> np.ndarray:
     """TensorInfo -> float64 array of its numpy shape, dequantised exactly."""
     return dequantize(t.data, t.qtype).astype(np.float64)
+
+
+class Linear:
+    """A weight matrix w [(E,) N, K] (float64) and how its input is rounded first:
+    ``act`` is a quants.ACT_* kind for precision="fast", or ACT_NONE for exact."""
+
+    def __init__(self, t, fast: bool):
+        self.w = prepare_weight(t)
+        self.act = activation_kind(t.qtype) if fast else ACT_NONE
+
+    def __call__(self, x: np.ndarray, expert: int | None = None) -> np.ndarray:
+        """x [T, K] -> x @ w.T [T, N] (of one expert's slab for a 3-D weight)."""
+        if self.act != ACT_NONE:
+            x = round_activations(x.astype(np.float32), self.act).astype(np.float64)
+        w = self.w if expert is None else self.w[expert]
+        return x @ w.T
 
 
 def silu(x):
@@ -137,19 +153,18 @@ def attention(q, k, v, k_cache, v_cache, plan):
     return out
 
 
-def swiglu(x, gate, up, down, quant=None):
+def swiglu(x, gate: Linear, up: Linear, down: Linear, expert=None):
     """Dense FFN: down( silu(gate x) * up x ). gate, up [F, H], down [H, F]."""
-    q = quant or (lambda a: a)
-    h = silu(matmul(q(x), gate)) * matmul(q(x), up)
-    return matmul(q(h), down)
+    h = silu(gate(x, expert)) * up(x, expert)
+    return down(h, expert)
 
 
-def moe(x, router, gate_exps, up_exps, down_exps, n_used, quant=None):
+def moe(x, router: Linear, gate_exps: Linear, up_exps: Linear, down_exps: Linear, n_used):
     """Routed experts: softmax over E router logits, top-k, renormalised weights.
 
     x [T, H], router [E, H], gate_exps/up_exps [E, Fe, H], down_exps [E, H, Fe].
     """
-    logits = matmul(x, router)                                               # [T, E]
+    logits = router(x)                                                       # [T, E]
     p = np.exp(logits - logits.max(axis=1, keepdims=True))
     p /= p.sum(axis=1, keepdims=True)
     out = np.zeros_like(x)
@@ -157,10 +172,10 @@ def moe(x, router, gate_exps, up_exps, down_exps, n_used, quant=None):
         top = np.argsort(-p[t], kind="stable")[:n_used]
         w = p[t, top] / max(p[t, top].sum(), 6.103515625e-5)
         for e, we in zip(top, w):
-            out[t] += we * swiglu(x[t:t + 1], gate_exps[e], up_exps[e], down_exps[e], quant)[0]
+            out[t] += we * swiglu(x[t:t + 1], gate_exps, up_exps, down_exps, e)[0]
     return out
 
 
-def shared_expert(x, gate, up, down, gate_inp, quant=None):
+def shared_expert(x, gate: Linear, up: Linear, down: Linear, gate_inp):
     """Sigmoid-gated shared expert: sigmoid(gate_inp . x) * swiglu(x). gate_inp [H]."""
-    return sigmoid(x @ gate_inp)[:, None] * swiglu(x, gate, up, down, quant)
+    return sigmoid(x @ gate_inp)[:, None] * swiglu(x, gate, up, down)

@@ -1,0 +1,65 @@
+"""Quantised GEMV / GEMM throughput of the CPU matmul kernel.
+
+For each weight type: check the kernel against the NumPy dequantisation (refuses to time a
+wrong kernel), then time y = W x for one token (GEMV: GB/s of weight bytes streamed and %
+of the measured memory bandwidth) and for T = 512 tokens (GFLOP/s). Prints a table.
+
+    python bench/bench_gemv.py [--rows 4096] [--cols 4096] [--types Q8_0,Q4_K,Q6_K,Q4_0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+
+import numpy as np
+from gguf import GGMLQuantizationType as QT
+
+import common
+from numba_hybrid.cpu import matmul as mm
+from numba_hybrid.quants import dequantize
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, default=4096)
+    ap.add_argument("--cols", type=int, default=4096)
+    ap.add_argument("--types", default="Q8_0,Q4_K,Q6_K,Q4_0")
+    ap.add_argument("--tokens", type=int, default=512, help="T for the GEMM column")
+    args = ap.parse_args()
+    rng = np.random.default_rng(0)
+    bw = common.memory_bandwidth()
+    print(f"# {datetime.date.today()}  {common.machine()}")
+    print(f"# measured read bandwidth: {bw:.1f} GB/s; W is {args.rows} x {args.cols}")
+    print(f"{'type':6} {'GEMV us':>9} {'GB/s':>7} {'% bw':>6} {'GEMM T':>7} {'GFLOP/s':>8}")
+    n_copies = max(2, int(2 * 2**30 // (args.rows * args.cols)))   # beat the caches
+    for name in args.types.split(","):
+        qt = QT[name]
+        mats = [common.random_quant_matrix(qt, args.rows, args.cols, rng)
+                for _ in range(min(n_copies, 8))]
+        x = rng.standard_normal((1, args.cols)).astype(np.float32)
+        out = np.empty((1, args.rows), np.float32)
+        mm.matmul(x, mats[0], int(qt), out)
+        ref = x.astype(np.float64) @ dequantize(mats[0], qt).astype(np.float64).T
+        err = np.linalg.norm(out - ref) / np.linalg.norm(ref)
+        if not err < 1e-5:
+            raise SystemExit(f"{name}: kernel disagrees with the reference (rel {err:.2e})")
+        i = [0]
+
+        def gemv():
+            i[0] = (i[0] + 1) % len(mats)
+            mm.matmul(x, mats[i[0]], int(qt), out)
+
+        t = common.median_time(gemv, repeat=30)
+        gbs = mats[0].nbytes / t / 1e9
+        xt = rng.standard_normal((args.tokens, args.cols)).astype(np.float32)
+        outt = np.empty((args.tokens, args.rows), np.float32)
+        tt = common.median_time(lambda: mm.matmul(xt, mats[0], int(qt), outt), repeat=3,
+                                warmup=1)
+        gflops = 2 * args.tokens * args.rows * args.cols / tt / 1e9
+        print(f"{name:6} {t * 1e6:9.0f} {gbs:7.1f} {100 * gbs / bw:6.1f} {args.tokens:7d} "
+              f"{gflops:8.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""Activation rounding for ``precision="fast"``: the Numba twin of
+:func:`numba_hybrid.quants.round_activations` (same values, bit for bit).
+
+Compiled without fast-math: rounding must follow IEEE exactly.
+Legend: T tokens, K features.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+
+from ..quants import ACT_BF16, ACT_F16, ACT_NONE, ACT_Q8_0
+from .jit import PARALLEL
+
+strict = numba.njit(parallel=PARALLEL, fastmath=False, cache=True, nogil=True)
+strict_helper = numba.njit(fastmath=False, cache=True, nogil=True, inline="always")
+
+
+@strict_helper
+def f16_round(v):
+    """float32 -> nearest float16 value (ties to even), as float32."""
+    a = abs(np.float64(v))
+    if a == 0.0 or not math.isfinite(a):
+        return v
+    if a >= 65520.0:
+        return np.float32(math.copysign(math.inf, v))
+    e = math.frexp(a)[1]
+    scale = 2.0 ** max(e - 11, -24)
+    return np.float32(math.copysign(np.rint(a / scale) * scale, v))
+
+
+@strict
+def round_activations(x, kind, out):
+    """x float32 [T, K] -> out [T, K], rounded as ggml quantises activations (see quants)."""
+    T, K = x.shape
+    for t in numba.prange(T):
+        if kind == ACT_NONE:
+            for k in range(K):
+                out[t, k] = x[t, k]
+        elif kind == ACT_F16:
+            for k in range(K):
+                out[t, k] = f16_round(x[t, k])
+        elif kind == ACT_BF16:
+            src = x[t].view(np.uint32)
+            dst = out[t].view(np.uint32)
+            for k in range(K):
+                u = np.uint64(src[k])
+                dst[k] = np.uint32((u + np.uint64(0x7FFF) + ((u >> np.uint64(16)) & np.uint64(1)))
+                                   >> np.uint64(16) << np.uint64(16))
+        elif kind == ACT_Q8_0:
+            for b in range(K // 32):
+                amax = np.float32(0.0)
+                for j in range(32):
+                    amax = max(amax, abs(x[t, b * 32 + j]))
+                inv = np.float32(127.0) / amax if amax > 0 else np.float32(0.0)
+                d = f16_round(amax / np.float32(127.0))
+                for j in range(32):
+                    out[t, b * 32 + j] = d * np.rint(x[t, b * 32 + j] * inv)
+        else:  # ACT_Q8_K
+            for b in range(K // 256):
+                amax = np.float32(0.0)
+                m = np.float32(0.0)
+                for j in range(256):
+                    ax = abs(x[t, b * 256 + j])
+                    if ax > amax:
+                        amax = ax
+                        m = x[t, b * 256 + j]
+                if amax == 0:
+                    for j in range(256):
+                        out[t, b * 256 + j] = 0.0
+                    continue
+                s = np.float32(-127.0) / m
+                d = np.float32(1.0) / s
+                for j in range(256):
+                    out[t, b * 256 + j] = d * min(np.float32(127.0), np.rint(x[t, b * 256 + j] * s))

@@ -1,0 +1,275 @@
+"""Every CPU kernel against the float64 reference op, on awkward shapes.
+
+Shapes are non-square on purpose (Hk != Hv, Dk != Dv, channel counts that cross the
+kernels' block edges, T = 1, 63, 257 split into several runs on non-consecutive slots with
+existing state), outputs are poisoned with NaN before each call, and the final conv, ssm
+and KV state is compared too. Tolerances live in one table.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as QT
+from gguf.quants import quantize as gguf_quantize
+
+from numba_hybrid import quants
+from numba_hybrid.batch import plan_batch
+from numba_hybrid.cpu import attention as attn_k
+from numba_hybrid.cpu import conv as conv_k
+from numba_hybrid.cpu import deltanet as dn_k
+from numba_hybrid.cpu import matmul as mm_k
+from numba_hybrid.cpu import moe as moe_k
+from numba_hybrid.cpu import norm as norm_k
+from numba_hybrid.cpu import quantize as quant_k
+from numba_hybrid.reference import ops
+
+# Max relative L2 error of each kernel against the float64 reference (float32 kernels).
+TOL = {
+    "matmul": 2e-6,
+    "rms_norm": 1e-6,
+    "gated_rms_norm": 1e-6,
+    "conv": 1e-6,
+    "conv_state": 0.0,     # the window is a copy of inputs: exact
+    "scan": 2e-5,
+    "scan_state": 2e-5,
+    "attention": 2e-6,
+    "kv_cache": 2e-6,
+    "moe": 2e-6,
+}
+
+TOKENS = [1, 63, 257]
+SLOTS = 6
+RUN_SLOTS = (0, 2, 5)
+
+
+def assert_close(name: str, ref, out, tol: float | None = None):
+    tol = TOL[name] if tol is None else tol
+    out = np.asarray(out, np.float64)
+    assert not np.isnan(out).any(), f"{name}: NaN in output (an element was not written)"
+    ref = np.asarray(ref, np.float64)
+    err = np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30)
+    assert err <= tol, f"{name}: relative L2 error {err:.3e} > {tol:.0e}"
+
+
+def poisoned(shape):
+    return np.full(shape, np.nan, np.float32)
+
+
+def make_plan(T: int, rng, history: int = 5):
+    """T tokens over up to three runs on slots 0, 2, 5, each continuing a slot that
+    already holds ``history`` positions (so states are non-trivial); batch order shuffled."""
+    n_runs = min(T, len(RUN_SLOTS))
+    cuts = np.sort(rng.choice(np.arange(1, T), n_runs - 1, replace=False)) if n_runs > 1 else []
+    lens = np.diff(np.r_[0, cuts, T]).astype(int)
+    slot_pos = np.full(SLOTS, -1)
+    seq, pos = [], []
+    for slot, n in zip(RUN_SLOTS, lens):
+        slot_pos[slot] = history - 1
+        seq += [slot] * n
+        pos += range(history, history + n)
+    order = rng.permutation(T)
+    seq, pos = np.asarray(seq)[order], np.asarray(pos)[order]
+    return plan_batch(np.zeros(T, int), pos, seq, None, slot_pos, n_ctx=history + T + 1,
+                      n_vocab=1)
+
+
+# ---- matmul ----------------------------------------------------------------------------
+
+QUANTISABLE = {QT.F32, QT.F16, QT.BF16, QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1}
+
+
+def random_weight(qtype: QT, n: int, k: int, rng) -> np.ndarray:
+    """Raw GGML rows uint8 [n, bytes]: quantised from random floats where gguf can, else
+    random bytes with moderate f16 scales (the K-quants and IQ types)."""
+    if qtype in QUANTISABLE:
+        w = rng.standard_normal((n, k)).astype(np.float32)
+        raw = gguf_quantize(w, qtype)
+        return np.ascontiguousarray(raw).view(np.uint8).reshape(n, -1)
+    block, size = quants.block_geometry(qtype)
+    raw = rng.integers(0, 256, (n, k // block, size), dtype=np.uint8)
+    offsets = {QT.Q2_K: [80, 82], QT.Q3_K: [108], QT.Q4_K: [0, 2], QT.Q5_K: [0, 2],
+               QT.Q6_K: [208], QT.IQ4_NL: [0], QT.IQ4_XS: [0]}[qtype]
+    for off in offsets:
+        d = rng.uniform(0.01, 0.1, (n, k // block, 1)).astype(np.float16)
+        raw[:, :, off:off + 2] = d.view(np.uint8)
+    return raw.reshape(n, -1)
+
+
+@pytest.mark.parametrize("T", TOKENS)
+@pytest.mark.parametrize("qtype", quants.SUPPORTED_TYPES, ids=lambda q: q.name)
+@pytest.mark.parametrize("precision", ["exact", "fast"])
+def test_matmul(qtype, T, precision):
+    rng = np.random.default_rng(int(qtype) * 1000 + T)
+    n, k = 37, 512
+    raw = random_weight(qtype, n, k, rng)
+    x = rng.standard_normal((T, k)).astype(np.float32)
+    w = dequant_reference(raw, qtype)
+    act = quants.activation_kind(qtype) if precision == "fast" else quants.ACT_NONE
+    xr = poisoned(x.shape)
+    quant_k.round_activations(x, act, xr)
+    np.testing.assert_array_equal(xr, quants.round_activations(x, act))
+    out = poisoned((T, n))
+    mm_k.matmul(xr, raw, int(qtype), out)
+    assert_close("matmul", quants.round_activations(x, act).astype(np.float64) @ w.T, out)
+
+
+def dequant_reference(raw, qtype):
+    typed = {QT.F32: np.float32, QT.F16: np.float16}
+    data = raw.view(typed[qtype]) if qtype in typed else raw
+    return quants.dequantize(data, qtype).astype(np.float64)
+
+
+def test_gather_rows_is_exact_dequantisation():
+    rng = np.random.default_rng(3)
+    raw = random_weight(QT.Q6_K, 50, 256, rng)
+    rows = np.array([7, 0, 49, 7])
+    out = poisoned((4, 256))
+    mm_k.gather_rows(raw, int(QT.Q6_K), rows, out)
+    np.testing.assert_array_equal(out, quants.dequantize(raw, QT.Q6_K)[rows])
+
+
+# ---- norms -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("T", TOKENS)
+def test_norms(T):
+    rng = np.random.default_rng(T)
+    x = rng.standard_normal((T, 75)).astype(np.float32)
+    w = rng.standard_normal(75).astype(np.float32)
+    out = poisoned(x.shape)
+    norm_k.rms_norm(x, w, 1e-6, out)
+    assert_close("rms_norm", ops.rms_norm(x.astype(np.float64), w, 1e-6), out)
+    hv, dv = 6, 40
+    o = rng.standard_normal((T, hv * dv)).astype(np.float32)
+    z = rng.standard_normal((T, hv * dv)).astype(np.float32)
+    wn = rng.standard_normal(dv).astype(np.float32)
+    y = poisoned(o.shape)
+    norm_k.gated_rms_norm(o, z, wn, 1e-6, y)
+    ref = ops.gated_rms_norm(o.reshape(T, hv, dv).astype(np.float64), z.reshape(T, hv, dv), wn,
+                             1e-6)
+    assert_close("gated_rms_norm", ref.reshape(T, -1), y)
+
+
+# ---- conv and delta-net ----------------------------------------------------------------
+
+HK, HV, DK, DV, KC = 2, 6, 24, 40, 4
+C = 2 * HK * DK + HV * DV          # 336: crosses the conv kernel's 256-channel blocks
+
+
+@pytest.mark.parametrize("T", TOKENS)
+def test_causal_conv(T):
+    rng = np.random.default_rng(10 + T)
+    plan = make_plan(T, rng)
+    x = rng.standard_normal((T, C)).astype(np.float32)
+    w = rng.standard_normal((C, KC)).astype(np.float32)
+    state = rng.standard_normal((SLOTS, KC - 1, C)).astype(np.float32)
+    ref_state = state.astype(np.float64)
+    ref = ops.causal_conv(x.astype(np.float64), w, ref_state, plan)
+    out = poisoned((T, C))
+    conv_k.causal_conv(x, w, state, plan.run_start, plan.run_len, plan.run_slot, out)
+    assert_close("conv", ref, out)
+    assert_close("conv_state", ref_state, state)
+
+
+@pytest.mark.parametrize("order", ["grouped", "tiled"])
+@pytest.mark.parametrize("T", TOKENS)
+def test_deltanet_scan(T, order):
+    rng = np.random.default_rng(20 + T)
+    plan = make_plan(T, rng)
+    qkv = rng.standard_normal((T, C)).astype(np.float32)
+    b = rng.standard_normal((T, HV)).astype(np.float32)
+    a = rng.standard_normal((T, HV)).astype(np.float32)
+    dt = rng.uniform(-2, 1, HV).astype(np.float32)
+    ssm_a = -rng.uniform(0.05, 1, HV).astype(np.float32)
+    ssm = (0.1 * rng.standard_normal((SLOTS, HV, DV, DK))).astype(np.float32)
+    kq = (np.arange(HV) // (HV // HK) if order == "grouped" else np.arange(HV) % HK)
+
+    beta_ref, g_ref = ops.deltanet_gates(b.astype(np.float64), a, dt, ssm_a)
+    beta, g = poisoned(b.shape), poisoned(a.shape)
+    dn_k.gates(b, a, dt, ssm_a, beta, g)
+    assert_close("scan", beta_ref, beta, 1e-6)
+    assert_close("scan", g_ref, g, 1e-6)
+
+    q = ops.l2_norm(qkv[:, :HK * DK].reshape(T, HK, DK).astype(np.float64), 1e-6) / np.sqrt(DK)
+    k = ops.l2_norm(qkv[:, HK * DK:2 * HK * DK].reshape(T, HK, DK).astype(np.float64), 1e-6)
+    v = qkv[:, 2 * HK * DK:].reshape(T, HV, DV).astype(np.float64)
+    ref_ssm = ssm.astype(np.float64)
+    ref = ops.deltanet_scan(q, k, v, g_ref, beta_ref, ref_ssm, kq, plan)
+    out = poisoned((T, HV * DV))
+    dn_k.scan(qkv, beta, g, ssm, kq.astype(np.int64), HK, DK, 1e-6, plan.run_start,
+              plan.run_len, plan.run_slot, out)
+    assert_close("scan", ref.reshape(T, -1), out)
+    assert_close("scan_state", ref_ssm, ssm)
+
+
+# ---- attention -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("T", TOKENS)
+def test_attention(T):
+    rng = np.random.default_rng(30 + T)
+    nh, nkv, hd, n_rot, theta = 6, 2, 48, 16, 1e6
+    history = 9
+    plan = make_plan(T, rng, history=history)
+    n_ctx = history + T + 1
+    qg = rng.standard_normal((T, nh * 2 * hd)).astype(np.float32)
+    kx = rng.standard_normal((T, nkv * hd)).astype(np.float32)
+    vx = rng.standard_normal((T, nkv * hd)).astype(np.float32)
+    qn = rng.uniform(0.5, 1.5, hd).astype(np.float32)
+    kn = rng.uniform(0.5, 1.5, hd).astype(np.float32)
+    kc = rng.standard_normal((SLOTS, n_ctx, nkv, hd)).astype(np.float32)
+    vc = rng.standard_normal((SLOTS, n_ctx, nkv, hd)).astype(np.float32)
+    kc_ref, vc_ref = kc.astype(np.float64), vc.astype(np.float64)
+
+    q3 = qg.reshape(T, nh, 2 * hd).astype(np.float64)
+    q = ops.rope_neox(ops.rms_norm(q3[..., :hd], qn, 1e-6), plan.positions, n_rot, theta)
+    k = ops.rope_neox(ops.rms_norm(kx.reshape(T, nkv, hd).astype(np.float64), kn, 1e-6),
+                      plan.positions, n_rot, theta)
+    ref = ops.attention(q, k, vx.reshape(T, nkv, hd).astype(np.float64), kc_ref, vc_ref, plan)
+    ref = (ref * ops.sigmoid(q3[..., hd:])).reshape(T, -1)
+
+    inv_freq = theta ** (-np.arange(n_rot // 2, dtype=np.float64) * 2.0 / n_rot)
+    out = poisoned((T, nh * hd))
+    attn_k.attention(qg, kx, vx, qn, kn, 1e-6, inv_freq, kc, vc, plan.positions,
+                     np.repeat(plan.run_slot, plan.run_len), out)
+    assert_close("attention", ref, out)
+    assert_close("kv_cache", kc_ref, kc)
+    assert_close("kv_cache", vc_ref, vc)
+
+
+# ---- MoE -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("T", TOKENS)
+def test_moe(T):
+    rng = np.random.default_rng(40 + T)
+    H, E, Fe, k = 64, 5, 32, 2
+    x = rng.standard_normal((T, H)).astype(np.float32)
+    router = rng.standard_normal((E, H)).astype(np.float32)
+    gate_raw = [random_weight(QT.Q8_0, Fe, H, rng) for _ in range(E)]
+    up_raw = [random_weight(QT.Q8_0, Fe, H, rng) for _ in range(E)]
+    down_raw = [random_weight(QT.Q8_0, H, Fe, rng) for _ in range(E)]
+
+    class _T:  # the reference Linear reads TensorInfo-like objects
+        def __init__(self, raw, qtype, shape):
+            self.data, self.qtype, self.name = raw, qtype, "w"
+
+    lin = lambda raws: ops.Linear(_T(np.stack(raws), QT.Q8_0, None), fast=False)  # noqa: E731
+    rlin = ops.Linear(_T(router, QT.F32, None), fast=False)
+    ref = ops.moe(x.astype(np.float64), rlin, lin(gate_raw), lin(up_raw), lin(down_raw), k)
+
+    logits = x @ router.T
+    experts = np.empty((T, k), np.int64)
+    weights = poisoned((T, k))
+    moe_k.route(logits, k, experts, weights)
+    src, exp_start, pair_of, counts = moe_k.group_pairs(experts, E, Fe)
+    P = T * k
+    gate, up = poisoned((P, Fe)), poisoned((P, Fe))
+    tasks = moe_k.tasks_for(counts, Fe)
+    moe_k.expert_matmul(x, src, np.stack(gate_raw), int(QT.Q8_0), exp_start, tasks, gate)
+    moe_k.expert_matmul(x, src, np.stack(up_raw), int(QT.Q8_0), exp_start, tasks, up)
+    norm_k.swiglu(gate, up, gate)
+    y = poisoned((P, H))
+    moe_k.expert_matmul(gate, np.arange(P, dtype=np.int64), np.stack(down_raw), int(QT.Q8_0),
+                        exp_start, moe_k.tasks_for(counts, H), y)
+    out = np.zeros((T, H), np.float32)
+    moe_k.combine(y, pair_of, weights, out)
+    assert_close("moe", ref, out)
