@@ -39,7 +39,7 @@ def machine() -> str:
             f"{numba.config.NUMBA_NUM_THREADS} threads ({numba.threading_layer()})")
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=True, fastmath=True, cache=True)
 def _stream_sum(a):
     n = a.size
     nchunk = 64

@@ -18,6 +18,7 @@ from numba_hybrid.batch import plan_batch
 from numba_hybrid.cpu import attention as attn_k
 from numba_hybrid.cpu import conv as conv_k
 from numba_hybrid.cpu import deltanet as dn_k
+from numba_hybrid.cpu.forward import linear, qweight
 from numba_hybrid.cpu import matmul as mm_k
 from numba_hybrid.cpu import moe as moe_k
 from numba_hybrid.cpu import norm as norm_k
@@ -109,9 +110,23 @@ def test_matmul(qtype, T, precision):
     xr = poisoned(x.shape)
     quant_k.round_activations(x, act, xr)
     np.testing.assert_array_equal(xr, quants.round_activations(x, act))
+    ref = quants.round_activations(x, act).astype(np.float64) @ w.T
     out = poisoned((T, n))
     mm_k.matmul(xr, raw, int(qtype), out)
-    assert_close("matmul", quants.round_activations(x, act).astype(np.float64) @ w.T, out)
+    assert_close("matmul", ref, out)
+    # The load-time repacked layouts (Q8_0, Q4_K) through the path the backend takes.
+    packed = qweight(_Tensor(raw, qtype, (k, n)))
+    if packed.packed is not None:
+        out = poisoned((T, n))
+        linear(xr, packed, out)
+        assert_close("matmul", ref, out)
+
+
+class _Tensor:
+    """The few TensorInfo fields the loaders read, for weights made in a test."""
+
+    def __init__(self, raw, qtype, ne):
+        self.data, self.qtype, self.ne, self.name = raw, qtype, ne, "w"
 
 
 def dequant_reference(raw, qtype):
@@ -262,14 +277,24 @@ def test_moe(T):
     moe_k.route(logits, k, experts, weights)
     src, exp_start, pair_of, counts = moe_k.group_pairs(experts, E, Fe)
     P = T * k
-    gate, up = poisoned((P, Fe)), poisoned((P, Fe))
     tasks = moe_k.tasks_for(counts, Fe)
-    moe_k.expert_matmul(x, src, np.stack(gate_raw), int(QT.Q8_0), exp_start, tasks, gate)
-    moe_k.expert_matmul(x, src, np.stack(up_raw), int(QT.Q8_0), exp_start, tasks, up)
-    norm_k.swiglu(gate, up, gate)
-    y = poisoned((P, H))
-    moe_k.expert_matmul(gate, np.arange(P, dtype=np.int64), np.stack(down_raw), int(QT.Q8_0),
-                        exp_start, moe_k.tasks_for(counts, H), y)
-    out = np.zeros((T, H), np.float32)
-    moe_k.combine(y, pair_of, weights, out)
-    assert_close("moe", ref, out)
+    down_tasks = moe_k.tasks_for(counts, H)
+    pairs = np.arange(P, dtype=np.int64)
+    g_raw, u_raw, d_raw = np.stack(gate_raw), np.stack(up_raw), np.stack(down_raw)
+
+    def generic(xs, index, raw, work, out):
+        moe_k.expert_matmul(xs, index, raw, int(QT.Q8_0), exp_start, work, out)
+
+    def repacked(xs, index, raw, work, out):
+        moe_k.expert_matmul_q8_0(xs, index, *mm_k.repack_q8_0(raw), exp_start, work, out)
+
+    for expert_matmul in (generic, repacked):
+        gate, up = poisoned((P, Fe)), poisoned((P, Fe))
+        expert_matmul(x, src, g_raw, tasks, gate)
+        expert_matmul(x, src, u_raw, tasks, up)
+        norm_k.swiglu(gate, up, gate)
+        y = poisoned((P, H))
+        expert_matmul(gate, pairs, d_raw, down_tasks, y)
+        out = np.zeros((T, H), np.float32)
+        moe_k.combine(y, pair_of, weights, out)
+        assert_close("moe", ref, out)

@@ -51,11 +51,14 @@ def _scale_min_k4(j, s, o):
 
 @helper
 def _q8_0(row, out):  # d:f16 | qs:i8[32]
+    q = row.view(np.int8)
     for b in range(out.size // 32):
         o = b * 34
         d = f16(row, o)
+        src = q[o + 2:o + 34]
+        dst = out[b * 32:b * 32 + 32]
         for j in range(32):
-            out[b * 32 + j] = d * i8(row[o + 2 + j])
+            dst[j] = d * np.float32(src[j])
 
 
 @helper
@@ -63,10 +66,12 @@ def _q4_0(row, out):  # d:f16 | qs:u8[16]; low nibbles are elements 0..15
     for b in range(out.size // 32):
         o = b * 18
         d = f16(row, o)
+        src = row[o + 2:o + 18]
+        dst = out[b * 32:b * 32 + 32]
         for j in range(16):
-            q = np.int32(row[o + 2 + j])
-            out[b * 32 + j] = d * np.float32((q & 15) - 8)
-            out[b * 32 + j + 16] = d * np.float32((q >> 4) - 8)
+            q = np.int32(src[j])
+            dst[j] = d * np.float32((q & 15) - 8)
+            dst[j + 16] = d * np.float32((q >> 4) - 8)
 
 
 @helper
@@ -183,23 +188,30 @@ def _q5_k(row, out):  # d:f16 | dmin:f16 | scales:u8[12] | qh:u8[32] | qs:u8[128
 
 @helper
 def _q6_k(row, out):  # ql:u8[128] | qh:u8[64] | scales:i8[16] | d:f16
+    sc = row.view(np.int8)
     for b in range(out.size // 256):
         o = b * 210
         d = f16(row, o + 208)
         for half in range(2):
-            ql, qh, sc, y = o + half * 64, o + 128 + half * 32, o + 192 + half * 8, b * 256 + half * 128
-            for l in range(32):
-                s = l // 16
-                a = np.int32(row[ql + l])
-                c = np.int32(row[ql + l + 32])
-                h = np.int32(row[qh + l])
-                out[y + l] = d * i8(row[sc + s]) * np.float32(((a & 15) | ((h & 3) << 4)) - 32)
-                out[y + l + 32] = d * i8(row[sc + s + 2]) * np.float32(
-                    ((c & 15) | (((h >> 2) & 3) << 4)) - 32)
-                out[y + l + 64] = d * i8(row[sc + s + 4]) * np.float32(
-                    ((a >> 4) | (((h >> 4) & 3) << 4)) - 32)
-                out[y + l + 96] = d * i8(row[sc + s + 6]) * np.float32(
-                    ((c >> 4) | (((h >> 6) & 3) << 4)) - 32)
+            ql = row[o + half * 64:o + half * 64 + 64]
+            qh = row[o + 128 + half * 32:o + 128 + half * 32 + 32]
+            dst = out[b * 256 + half * 128:b * 256 + half * 128 + 128]
+            s0 = o + 192 + half * 8
+            for part in range(2):
+                # 16 elements share a scale: part selects l in [16*part, 16*part+16)
+                d0 = d * np.float32(sc[s0 + part])
+                d1 = d * np.float32(sc[s0 + part + 2])
+                d2 = d * np.float32(sc[s0 + part + 4])
+                d3 = d * np.float32(sc[s0 + part + 6])
+                for i in range(16):
+                    l = part * 16 + i
+                    a = np.int32(ql[l])
+                    c = np.int32(ql[l + 32])
+                    h = np.int32(qh[l])
+                    dst[l] = d0 * np.float32(((a & 15) | ((h & 3) << 4)) - 32)
+                    dst[l + 32] = d1 * np.float32(((c & 15) | (((h >> 2) & 3) << 4)) - 32)
+                    dst[l + 64] = d2 * np.float32(((a >> 4) | (((h >> 4) & 3) << 4)) - 32)
+                    dst[l + 96] = d3 * np.float32(((c >> 4) | (((h >> 6) & 3) << 4)) - 32)
 
 
 @helper

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from gguf import GGMLQuantizationType as QT
 
 from ..models import RECURRENT
 from ..quants import ACT_NONE, activation_kind
@@ -26,20 +27,52 @@ L2_NORM_EPS = 1e-6
 
 @dataclass(frozen=True)
 class QWeight:
-    """A weight matrix as the kernels take it: raw GGML rows ``uint8 [(E,) N, bytes]``."""
+    """A weight matrix as the kernels take it.
+
+    ``raw``: the file's GGML rows ``uint8 [(E,) N, bytes]`` (a view of the memory map).
+    ``packed``: for Q8_0 and Q4_K, the load-time repacking of matmul.repack_q8_0 /
+    repack_q4_k that the fast flat kernels read (None for other types, which the generic
+    dequantise-a-tile kernel reads from ``raw``)."""
 
     raw: np.ndarray
     qtype: int
     n_rows: int
     row_len: int
     act: int            # how precision="fast" rounds this matrix's input (quants.ACT_*)
+    packed: tuple | None = None
 
 
-def qweight(t) -> QWeight:
+REPACK = {int(QT.Q8_0): mm_k.repack_q8_0, int(QT.Q4_K): mm_k.repack_q4_k}
+
+
+def qweight(t, repack: bool = True) -> QWeight:
     data = np.ascontiguousarray(t.data)
     lead = tuple(reversed(t.ne))[:-1]
     raw = data.view(np.uint8).reshape(lead + (-1,))
-    return QWeight(raw, int(t.qtype), lead[-1], int(t.ne[0]), activation_kind(t.qtype))
+    qtype = int(t.qtype)
+    packed = REPACK[qtype](raw) if repack and qtype in REPACK else None
+    return QWeight(raw, qtype, lead[-1], int(t.ne[0]), activation_kind(t.qtype), packed)
+
+
+def linear(x: np.ndarray, w: QWeight, out: np.ndarray) -> None:
+    """out [T, N] = x [T, K] @ W^T through the kernel for W's type and packing."""
+    if w.packed is not None and w.qtype == QT.Q8_0:
+        mm_k.matmul_q8_0(x, *w.packed, out)
+    elif w.packed is not None and w.qtype == QT.Q4_K:
+        mm_k.matmul_q4_k(*split_q4_k(x), *w.packed, out)
+    else:
+        mm_k.matmul(x, w.raw, w.qtype, out)
+
+
+def split_q4_k(x: np.ndarray):
+    """Activations [T, K] split for the repacked Q4_K kernels: (xl, xh, sl, sh)."""
+    T, K = x.shape
+    xl = np.empty((T, K // 2), np.float32)
+    xh = np.empty_like(xl)
+    sl = np.empty((T, K // 64), np.float32)
+    sh = np.empty_like(sl)
+    mm_k.split_q4_k_activations(x, xl, xh, sl, sh)
+    return xl, xh, sl, sh
 
 
 def vector(t) -> np.ndarray:
@@ -58,7 +91,7 @@ class CpuBackend:
         self.kq_map = a.kq_head_map().astype(np.int64)
         half = a.n_rot // 2
         self.inv_freq = a.rope_theta ** (-np.arange(half, dtype=np.float64) * 2.0 / a.n_rot)
-        self.embd = qweight(model.token_embd)
+        self.embd = qweight(model.token_embd, repack=False)
         self.output = qweight(model.output)
         self.output_norm = vector(model.output_norm)
         self.layers = [self._prepare(layer) for layer in model.layers]
@@ -112,8 +145,18 @@ class CpuBackend:
 
     def matmul(self, x, w: QWeight) -> np.ndarray:
         out = np.empty((x.shape[0], w.n_rows), np.float32)
-        mm_k.matmul(self.rounded(x, w), w.raw, w.qtype, out)
+        linear(self.rounded(x, w), w, out)
         return out
+
+    def expert_matmul(self, x, src, w: QWeight, exp_start, tasks, out) -> None:
+        """out[p] = W_e x[src[p]] for the pairs p of each expert e (see moe.py)."""
+        x = self.rounded(x, w)
+        if w.packed is not None and w.qtype == QT.Q8_0:
+            moe_k.expert_matmul_q8_0(x, src, *w.packed, exp_start, tasks, out)
+        elif w.packed is not None and w.qtype == QT.Q4_K:
+            moe_k.expert_matmul_q4_k(*split_q4_k(x), src, *w.packed, exp_start, tasks, out)
+        else:
+            moe_k.expert_matmul(x, src, w.raw, w.qtype, exp_start, tasks, out)
 
     def deltanet(self, l, layer, h, state, plan):
         a = self.args
@@ -161,15 +204,12 @@ class CpuBackend:
         gate = np.empty((P, a.n_ff_exp), np.float32)
         up = np.empty_like(gate)
         tasks = moe_k.tasks_for(counts, a.n_ff_exp)
-        moe_k.expert_matmul(self.rounded(h, gate_w), src, gate_w.raw, gate_w.qtype, exp_start,
-                            tasks, gate)
-        moe_k.expert_matmul(self.rounded(h, up_w), src, up_w.raw, up_w.qtype, exp_start, tasks,
-                            up)
+        self.expert_matmul(h, src, gate_w, exp_start, tasks, gate)
+        self.expert_matmul(h, src, up_w, exp_start, tasks, up)
         norm_k.swiglu(gate, up, gate)
         y = np.empty((P, a.n_embd), np.float32)
-        moe_k.expert_matmul(self.rounded(gate, down_w), np.arange(P, dtype=np.int64),
-                            down_w.raw, down_w.qtype, exp_start,
-                            moe_k.tasks_for(counts, a.n_embd), y)
+        self.expert_matmul(gate, np.arange(P, dtype=np.int64), down_w, exp_start,
+                           moe_k.tasks_for(counts, a.n_embd), y)
         out = np.zeros((T, a.n_embd), np.float32)
         moe_k.combine(y, pair_of, weights, out)
         if "ffn_gate_shexp" in layer:

@@ -12,7 +12,7 @@ import numpy as np
 
 from .dequant import dequant_row
 from .jit import kernel, prange
-from .matmul import RB, dot
+from .matmul import RB, dot, dot_q4_k, dot_q8_0
 
 
 @kernel
@@ -115,3 +115,33 @@ def tasks_for(counts: np.ndarray, n_rows: int) -> np.ndarray:
     tasks[:, 0] = np.repeat(used, nb)
     tasks[:, 1] = np.tile(np.arange(nb), used.size)
     return tasks
+
+
+@kernel
+def expert_matmul_q8_0(x, src, qs, d, exp_start, tasks, out):
+    """expert_matmul for repacked Q8_0 experts: qs int8 [E, N, K], d [E, N, K/32]."""
+    N = qs.shape[1]
+    for i in prange(tasks.shape[0]):
+        e, b = tasks[i, 0], tasks[i, 1]
+        r0 = b * RB
+        r1 = min(N, r0 + RB)
+        for r in range(r0, r1):
+            q, dr = qs[e, r], d[e, r]
+            for p in range(exp_start[e], exp_start[e + 1]):
+                out[p, r] = dot_q8_0(q, dr, x[src[p]])
+
+
+@kernel
+def expert_matmul_q4_k(xl, xh, sl, sh, src, qs, dlo, dhi, mlo, mhi, exp_start, tasks, out):
+    """expert_matmul for repacked Q4_K experts ([E, N, ...] arrays of repack_q4_k) on
+    split activations (split_q4_k_activations)."""
+    N = qs.shape[1]
+    for i in prange(tasks.shape[0]):
+        e, b = tasks[i, 0], tasks[i, 1]
+        r0 = b * RB
+        r1 = min(N, r0 + RB)
+        for r in range(r0, r1):
+            for p in range(exp_start[e], exp_start[e + 1]):
+                t = src[p]
+                out[p, r] = dot_q4_k(qs[e, r], dlo[e, r], dhi[e, r], mlo[e, r], mhi[e, r],
+                                     xl[t], xh[t], sl[t], sh[t])
