@@ -8,6 +8,7 @@ import numpy as np
 
 from .backend import create_backend
 from .batch import plan_batch
+from .errors import NumbaHybridError
 from .gguf_file import GGUFFile
 from .models import read_model
 from .state import StatePool
@@ -76,8 +77,9 @@ class Model:
         """Continue a prompt (a string or token ids) or a list of prompts, concurrently on
         the model's slots (more prompts than slots wait for a free one).
 
-        ``sampling``: a :class:`SamplingParams` (default: llama.cpp's temperature 0.8,
-        top-k 40, top-p 0.95, min-p 0.05; ``SamplingParams.greedy()`` for argmax).
+        ``sampling``: a :class:`SamplingParams`, or one per prompt (default: llama.cpp's
+        temperature 0.8, top-k 40, top-p 0.95, min-p 0.05; ``SamplingParams.greedy()`` for
+        argmax). A seeded sequence samples the same tokens alone or beside any others.
         Stops at an end-of-generation token, a ``stop`` string, ``max_tokens`` (None: no
         limit) or a full context. Returns a Completion (text, token_ids, finish_reason,
         seed), or a list of them; with ``stream=True`` a generator of text pieces (``str``,
@@ -125,5 +127,5 @@ def set_threads(n: int) -> None:
 
     top = numba.config.NUMBA_NUM_THREADS
     if not 1 <= int(n) <= top:
-        raise ValueError(f"threads must be between 1 and {top}, got {n}")
+        raise NumbaHybridError(f"threads must be between 1 and {top}, got {n}")
     numba.set_num_threads(int(n))
