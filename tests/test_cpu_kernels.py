@@ -114,7 +114,7 @@ def test_matmul(qtype, T, precision):
     out = poisoned((T, n))
     mm_k.matmul(xr, raw, int(qtype), out)
     assert_close("matmul", ref, out)
-    # The load-time repacked layouts (Q8_0, Q4_K) through the path the backend takes.
+    # The load-time repacked layouts (Q8_0, Q6_K, Q4_K) through the path the backend takes.
     packed = qweight(_Tensor(raw, qtype, (k, n)))
     if packed.packed is not None:
         out = poisoned((T, n))
@@ -286,7 +286,7 @@ def test_moe(T):
         moe_k.expert_matmul(xs, index, raw, int(QT.Q8_0), exp_start, work, out)
 
     def repacked(xs, index, raw, work, out):
-        moe_k.expert_matmul_q8_0(xs, index, *mm_k.repack_q8_0(raw), exp_start, work, out)
+        moe_k.expert_matmul_i8(xs, index, *mm_k.repack_q8_0(raw), exp_start, work, out)
 
     for expert_matmul in (generic, repacked):
         gate, up = poisoned((P, Fe)), poisoned((P, Fe))

@@ -2,9 +2,9 @@
 
 Per step (one BatchPlan) each layer is a handful of kernel calls over all T tokens; the
 stateful ones (conv, delta-net scan, attention) take the plan's run arrays and update
-their slots in place. Q8_0 and Q4_K matrices are repacked once at load into the flat
-layouts their fast kernels read (a copy: 1.125 and 0.75 bytes per weight); every other
-weight stays in the file's memory map as raw GGML blocks.
+their slots in place. Q8_0, Q6_K and Q4_K matrices are repacked once at load into the flat
+layouts their fast kernels read (a copy: 1.125, 1.25 and 0.75 bytes per weight); every
+other weight stays in the file's memory map as raw GGML blocks.
 """
 
 from __future__ import annotations
@@ -32,9 +32,9 @@ class QWeight:
     """A weight matrix as the kernels take it.
 
     ``raw``: the file's GGML rows ``uint8 [(E,) N, bytes]`` (a view of the memory map).
-    ``packed``: for Q8_0 and Q4_K, the load-time repacking of matmul.repack_q8_0 /
-    repack_q4_k that the fast flat kernels read (None for other types, which the generic
-    dequantise-a-tile kernel reads from ``raw``)."""
+    ``packed``: for Q8_0, Q6_K and Q4_K, the load-time repacking (matmul.repack_*) that the
+    fast flat kernels read (None for other types, which the generic dequantise-a-tile
+    kernel reads from ``raw``)."""
 
     raw: np.ndarray
     qtype: int
@@ -44,7 +44,9 @@ class QWeight:
     packed: tuple | None = None
 
 
-REPACK = {int(QT.Q8_0): mm_k.repack_q8_0, int(QT.Q4_K): mm_k.repack_q4_k}
+REPACK = {int(QT.Q8_0): mm_k.repack_q8_0, int(QT.Q6_K): mm_k.repack_q6_k,
+          int(QT.Q4_K): mm_k.repack_q4_k}
+INT8_PACKED = (int(QT.Q8_0), int(QT.Q6_K))
 
 
 def qweight(t, repack: bool = True) -> QWeight:
@@ -58,8 +60,8 @@ def qweight(t, repack: bool = True) -> QWeight:
 
 def linear(x: np.ndarray, w: QWeight, out: np.ndarray) -> None:
     """out [T, N] = x [T, K] @ W^T through the kernel for W's type and packing."""
-    if w.packed is not None and w.qtype == QT.Q8_0:
-        mm_k.matmul_q8_0(x, *w.packed, out)
+    if w.packed is not None and w.qtype in INT8_PACKED:
+        mm_k.matmul_i8(x, *w.packed, out)
     elif w.packed is not None and w.qtype == QT.Q4_K:
         mm_k.matmul_q4_k(*split_q4_k(x), *w.packed, out)
     else:
@@ -153,8 +155,8 @@ class CpuBackend:
     def expert_matmul(self, x, src, w: QWeight, exp_start, tasks, out) -> None:
         """out[p] = W_e x[src[p]] for the pairs p of each expert e (see moe.py)."""
         x = self.rounded(x, w)
-        if w.packed is not None and w.qtype == QT.Q8_0:
-            moe_k.expert_matmul_q8_0(x, src, *w.packed, exp_start, tasks, out)
+        if w.packed is not None and w.qtype in INT8_PACKED:
+            moe_k.expert_matmul_i8(x, src, *w.packed, exp_start, tasks, out)
         elif w.packed is not None and w.qtype == QT.Q4_K:
             moe_k.expert_matmul_q4_k(*split_q4_k(x), src, *w.packed, exp_start, tasks, out)
         else:

@@ -11,6 +11,7 @@ does not depend on the rest of the batch (bitwise batch invariance).
 from __future__ import annotations
 
 import numpy as np
+from gguf import GGMLQuantizationType as QT
 
 from .dequant import dequant_row
 from .jit import helper, kernel, prange
@@ -50,36 +51,65 @@ def gather_rows(raw, qtype, rows, out):
         dequant_row(raw[rows[i]], qtype, out[i])
 
 
-# ---- Q8_0 repacked ----------------------------------------------------------------------
+# ---- int8 values with block scales: Q8_0 and Q6_K repacked ---------------------------
 #
-# Q8_0 weights are repacked once at load into int8 values qs [N, K] and float32 block scales
-# d [N, K/32] (1.125 bytes per weight instead of 1.0625). A flat loop over K then vectorises
-# (int8 loads, a gather of the scale, FMA), and each weight is used straight from the
-# registers without a dequantised copy. Rows are split over threads; tokens are taken in
-# blocks of TB so their activations stay in L2 while a block of rows passes over them.
+# Q8_0 and Q6_K weights are repacked once at load into int8 values qs [N, K] and float32
+# block scales d [N, K >> shift] (Q8_0: blocks of 32, d = the block's f16 scale; Q6_K:
+# blocks of 16, d = super-block scale * 8-bit sub-block scale, q - 32 stored as int8). Both
+# products are exact in float32, so the weights are exactly the file's. Costs: 1.125 bytes
+# per Q8_0 weight (file: 1.0625), 1.25 per Q6_K weight (file: 0.8203). A flat loop over K
+# then vectorises (int8 loads, a gather of the scale, FMA) and each weight is used straight
+# from the registers, without a dequantised copy. Rows are split over threads; tokens are
+# taken in blocks of TB so their activations stay in L2 while a block of rows passes.
 
 TB = 16
+Q8_0_SHIFT, Q6_K_SHIFT = 5, 4        # log2 of the scale block: 32 and 16 values
 
 
-def repack_q8_0(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Raw Q8_0 rows uint8 [..., N, 34*K/32] -> (qs int8 [..., N, K], d float32 [..., N, K/32])."""
+def repack_q8_0(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """Raw Q8_0 rows uint8 [..., N, 34*K/32] -> (qs int8 [..., N, K], d [..., N, K/32], 5)."""
     blocks = raw.reshape(raw.shape[:-1] + (-1, 34))
     d = blocks[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)
     qs = np.ascontiguousarray(blocks[..., 2:]).view(np.int8)
-    return qs.reshape(raw.shape[:-1] + (-1,)), np.ascontiguousarray(d)
+    return qs.reshape(raw.shape[:-1] + (-1,)), np.ascontiguousarray(d), Q8_0_SHIFT
+
+
+def repack_q6_k(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """Raw Q6_K rows uint8 [..., N, 210*K/256] -> (qs int8 [..., N, K], d [..., N, K/16], 4)."""
+    from ..quants import dequantize
+
+    lead = raw.shape[:-1]
+    blocks = raw.reshape(-1, 210)
+    scale = (blocks[:, 208:210].copy().view(np.float16).astype(np.float32)
+             * blocks[:, 192:208].view(np.int8).astype(np.float32))        # [blocks, 16]
+    q = np.empty((blocks.shape[0], 256), np.int8)
+    step = 1 << 14                                       # bounds the float32 temporary
+    for i in range(0, blocks.shape[0], step):
+        # The 6-bit values minus 32, in element order: dequantise with unit scales.
+        unit = blocks[i:i + step].copy()
+        unit[:, 192:208] = 1
+        unit[:, 208:210] = np.array([1.0], np.float16).view(np.uint8)
+        q[i:i + step] = dequantize(unit, QT.Q6_K).reshape(-1, 256)
+    return (q.reshape(lead + (-1,)), np.ascontiguousarray(scale).reshape(lead + (-1,)),
+            Q6_K_SHIFT)
 
 
 @helper
-def dot_q8_0(qs, d, x):
+def dot_i8(qs, d, shift, x):
+    # The shift must be a constant inside the loop for LLVM to vectorise it.
     s = np.float32(0.0)
-    for k in range(qs.size):
-        s += np.float32(qs[k]) * d[k >> 5] * x[k]
+    if shift == Q8_0_SHIFT:
+        for k in range(qs.size):
+            s += np.float32(qs[k]) * d[k >> 5] * x[k]
+    else:
+        for k in range(qs.size):
+            s += np.float32(qs[k]) * d[k >> 4] * x[k]
     return s
 
 
 @kernel
-def matmul_q8_0(x, qs, d, out):
-    """x [T, K] f32, qs int8 [N, K], d f32 [N, K/32] -> out [T, N]."""
+def matmul_i8(x, qs, d, shift, out):
+    """x [T, K] f32, qs int8 [N, K], d f32 [N, K >> shift] -> out [T, N]."""
     T = x.shape[0]
     N = qs.shape[0]
     for b in prange((N + RB - 1) // RB):
@@ -89,7 +119,7 @@ def matmul_q8_0(x, qs, d, out):
             for r in range(r0, r1):
                 q, dr = qs[r], d[r]
                 for t in range(t0, min(T, t0 + TB)):
-                    out[t, r] = dot_q8_0(q, dr, x[t])
+                    out[t, r] = dot_i8(q, dr, shift, x[t])
 
 
 # ---- Q4_K repacked ----------------------------------------------------------------------

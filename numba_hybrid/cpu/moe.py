@@ -12,7 +12,7 @@ import numpy as np
 
 from .dequant import dequant_row
 from .jit import kernel, prange
-from .matmul import RB, dot, dot_q4_k, dot_q8_0
+from .matmul import RB, dot, dot_i8, dot_q4_k
 
 
 @kernel
@@ -118,8 +118,9 @@ def tasks_for(counts: np.ndarray, n_rows: int) -> np.ndarray:
 
 
 @kernel
-def expert_matmul_q8_0(x, src, qs, d, exp_start, tasks, out):
-    """expert_matmul for repacked Q8_0 experts: qs int8 [E, N, K], d [E, N, K/32]."""
+def expert_matmul_i8(x, src, qs, d, shift, exp_start, tasks, out):
+    """expert_matmul for experts repacked to int8 values (Q8_0, Q6_K): qs int8 [E, N, K],
+    d [E, N, K >> shift]."""
     N = qs.shape[1]
     for i in prange(tasks.shape[0]):
         e, b = tasks[i, 0], tasks[i, 1]
@@ -128,7 +129,7 @@ def expert_matmul_q8_0(x, src, qs, d, exp_start, tasks, out):
         for r in range(r0, r1):
             q, dr = qs[e, r], d[e, r]
             for p in range(exp_start[e], exp_start[e + 1]):
-                out[p, r] = dot_q8_0(q, dr, x[src[p]])
+                out[p, r] = dot_i8(q, dr, shift, x[src[p]])
 
 
 @kernel
