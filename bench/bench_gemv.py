@@ -1,5 +1,6 @@
 """Quantised GEMV / GEMM throughput of the CPU matmul kernels, as the backend runs them
-(Q8_0 and Q4_K through their load-time repacking, other types through the generic kernel).
+(Q8_0, Q6_K, Q4_0, Q4_1 and Q4_K through their load-time repacking, other types
+through the generic kernel).
 
 For each weight type: check the kernel against the NumPy dequantisation (refuses to time a
 wrong kernel), then time y = W x for one token (GEMV: GB/s counted at the GGUF size of the

@@ -18,7 +18,7 @@ from numba_hybrid.batch import plan_batch
 from numba_hybrid.cpu import attention as attn_k
 from numba_hybrid.cpu import conv as conv_k
 from numba_hybrid.cpu import deltanet as dn_k
-from numba_hybrid.cpu.forward import linear, qweight
+from numba_hybrid.cpu.forward import expert_linear, linear, qweight
 from numba_hybrid.cpu import matmul as mm_k
 from numba_hybrid.cpu import moe as moe_k
 from numba_hybrid.cpu import norm as norm_k
@@ -114,12 +114,32 @@ def test_matmul(qtype, T, precision):
     out = poisoned((T, n))
     mm_k.matmul(xr, raw, int(qtype), out)
     assert_close("matmul", ref, out)
-    # The load-time repacked layouts (Q8_0, Q6_K, Q4_K) through the path the backend takes.
+    # The load-time repacked layouts (Q8_0, Q6_K, Q4_0, Q4_1, Q4_K) through the path the
+    # backend takes.
     packed = qweight(_Tensor(raw, qtype, (k, n)))
     if packed.packed is not None:
         out = poisoned((T, n))
         linear(xr, packed, out)
         assert_close("matmul", ref, out)
+
+
+@pytest.mark.parametrize("qtype", [QT.Q4_0, QT.Q4_1, QT.Q4_K], ids=lambda q: q.name)
+def test_q4_repack_is_exact(qtype):
+    """The repacked 4-bit layout gives back the file's weights bit for bit:
+    w = dl*n - ml per half group, low nibbles first."""
+    rng = np.random.default_rng(int(qtype))
+    n, k = 5, 512
+    raw = random_weight(qtype, n, k, rng)
+    qs, dlo, dhi, mlo, mhi, shift = qweight(_Tensor(raw, qtype, (k, n))).packed
+    G = 1 << shift
+    assert qs.dtype == np.uint8 and qs.shape == (n, k // 2)
+    assert all(a.dtype == np.float32 and a.shape == (n, k // (2 * G))
+               for a in (dlo, dhi, mlo, mhi))
+    q = qs.reshape(n, -1, G)
+    lo = dlo[..., None] * (q & 15).astype(np.float32) - mlo[..., None]
+    hi = dhi[..., None] * (q >> 4).astype(np.float32) - mhi[..., None]
+    w = np.concatenate([lo, hi], axis=-1).reshape(n, k)
+    np.testing.assert_array_equal(w, quants.dequantize(raw, qtype))
 
 
 class _Tensor:
@@ -254,20 +274,21 @@ def test_attention(T):
 # ---- MoE -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("T", TOKENS)
-def test_moe(T):
+@pytest.mark.parametrize("qtype", [QT.Q8_0, QT.Q4_0, QT.Q4_1], ids=lambda q: q.name)
+def test_moe(qtype, T):
     rng = np.random.default_rng(40 + T)
     H, E, Fe, k = 64, 5, 32, 2
     x = rng.standard_normal((T, H)).astype(np.float32)
     router = rng.standard_normal((E, H)).astype(np.float32)
-    gate_raw = [random_weight(QT.Q8_0, Fe, H, rng) for _ in range(E)]
-    up_raw = [random_weight(QT.Q8_0, Fe, H, rng) for _ in range(E)]
-    down_raw = [random_weight(QT.Q8_0, H, Fe, rng) for _ in range(E)]
+    gate_raw = [random_weight(qtype, Fe, H, rng) for _ in range(E)]
+    up_raw = [random_weight(qtype, Fe, H, rng) for _ in range(E)]
+    down_raw = [random_weight(qtype, H, Fe, rng) for _ in range(E)]
 
     class _T:  # the reference Linear reads TensorInfo-like objects
         def __init__(self, raw, qtype, shape):
             self.data, self.qtype, self.name = raw, qtype, "w"
 
-    lin = lambda raws: ops.Linear(_T(np.stack(raws), QT.Q8_0, None), fast=False)  # noqa: E731
+    lin = lambda raws: ops.Linear(_T(np.stack(raws), qtype, None), fast=False)  # noqa: E731
     rlin = ops.Linear(_T(router, QT.F32, None), fast=False)
     ref = ops.moe(x.astype(np.float64), rlin, lin(gate_raw), lin(up_raw), lin(down_raw), k)
 
@@ -283,10 +304,14 @@ def test_moe(T):
     g_raw, u_raw, d_raw = np.stack(gate_raw), np.stack(up_raw), np.stack(down_raw)
 
     def generic(xs, index, raw, work, out):
-        moe_k.expert_matmul(xs, index, raw, int(QT.Q8_0), exp_start, work, out)
+        moe_k.expert_matmul(xs, index, raw, int(qtype), exp_start, work, out)
 
     def repacked(xs, index, raw, work, out):
-        moe_k.expert_matmul_i8(xs, index, *mm_k.repack_q8_0(raw), exp_start, work, out)
+        # The load-time repacking (int8 for Q8_0, 4-bit groups for Q4_0/Q4_1) through the
+        # backend's dispatch.
+        w = qweight(_Tensor(raw, qtype, (xs.shape[1], raw.shape[1], raw.shape[0])))
+        assert w.packed is not None
+        expert_linear(xs, index, w, exp_start, work, out)
 
     for expert_matmul in (generic, repacked):
         gate, up = poisoned((P, Fe)), poisoned((P, Fe))

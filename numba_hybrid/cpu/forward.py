@@ -2,9 +2,10 @@
 
 Per step (one BatchPlan) each layer is a handful of kernel calls over all T tokens; the
 stateful ones (conv, delta-net scan, attention) take the plan's run arrays and update
-their slots in place. Q8_0, Q6_K and Q4_K matrices are repacked once at load into the flat
-layouts their fast kernels read (a copy: 1.125, 1.25 and 0.75 bytes per weight); every
-other weight stays in the file's memory map as raw GGML blocks.
+their slots in place. Q8_0, Q6_K, Q4_0, Q4_1 and Q4_K matrices are repacked once at load
+into the flat layouts their fast kernels read (a copy: 1.125, 1.25 and 0.75 bytes per
+weight for the three 4-bit types); every other weight stays in the file's memory map as
+raw GGML blocks.
 """
 
 from __future__ import annotations
@@ -32,9 +33,10 @@ class QWeight:
     """A weight matrix as the kernels take it.
 
     ``raw``: the file's GGML rows ``uint8 [(E,) N, bytes]`` (a view of the memory map).
-    ``packed``: for Q8_0, Q6_K and Q4_K, the load-time repacking (matmul.repack_*) that the
-    fast flat kernels read (None for other types, which the generic dequantise-a-tile
-    kernel reads from ``raw``)."""
+    ``packed``: for Q8_0, Q6_K, Q4_0, Q4_1 and Q4_K, the load-time repacking
+    (matmul.repack_*, whose last element is the scale block's shift) that the fast flat
+    kernels read (None for other types, which the generic dequantise-a-tile kernel reads
+    from ``raw``)."""
 
     raw: np.ndarray
     qtype: int
@@ -45,8 +47,10 @@ class QWeight:
 
 
 REPACK = {int(QT.Q8_0): mm_k.repack_q8_0, int(QT.Q6_K): mm_k.repack_q6_k,
+          int(QT.Q4_0): mm_k.repack_q4_0, int(QT.Q4_1): mm_k.repack_q4_1,
           int(QT.Q4_K): mm_k.repack_q4_k}
 INT8_PACKED = (int(QT.Q8_0), int(QT.Q6_K))
+Q4_PACKED = (int(QT.Q4_0), int(QT.Q4_1), int(QT.Q4_K))
 
 
 def qweight(t, repack: bool = True) -> QWeight:
@@ -62,20 +66,33 @@ def linear(x: np.ndarray, w: QWeight, out: np.ndarray) -> None:
     """out [T, N] = x [T, K] @ W^T through the kernel for W's type and packing."""
     if w.packed is not None and w.qtype in INT8_PACKED:
         mm_k.matmul_i8(x, *w.packed, out)
-    elif w.packed is not None and w.qtype == QT.Q4_K:
-        mm_k.matmul_q4_k(*split_q4_k(x), *w.packed, out)
+    elif w.packed is not None and w.qtype in Q4_PACKED:
+        mm_k.matmul_q4(*split_q4(x, w.packed[-1]), *w.packed, out)
     else:
         mm_k.matmul(x, w.raw, w.qtype, out)
 
 
-def split_q4_k(x: np.ndarray):
-    """Activations [T, K] split for the repacked Q4_K kernels: (xl, xh, sl, sh)."""
+def expert_linear(x, src, w: QWeight, exp_start, tasks, out) -> None:
+    """out[p] = W_e x[src[p]] for the pairs p of each expert e (see moe.py), through the
+    kernel for W's type and packing."""
+    if w.packed is not None and w.qtype in INT8_PACKED:
+        moe_k.expert_matmul_i8(x, src, *w.packed, exp_start, tasks, out)
+    elif w.packed is not None and w.qtype in Q4_PACKED:
+        moe_k.expert_matmul_q4(*split_q4(x, w.packed[-1]), src, *w.packed, exp_start, tasks,
+                               out)
+    else:
+        moe_k.expert_matmul(x, src, w.raw, w.qtype, exp_start, tasks, out)
+
+
+def split_q4(x: np.ndarray, shift: int):
+    """Activations [T, K] split for the repacked 4-bit kernels with groups of 1 << shift
+    bytes: (xl, xh, sl, sh)."""
     T, K = x.shape
     xl = np.empty((T, K // 2), np.float32)
     xh = np.empty_like(xl)
-    sl = np.empty((T, K // 64), np.float32)
+    sl = np.empty((T, K >> (shift + 1)), np.float32)
     sh = np.empty_like(sl)
-    mm_k.split_q4_k_activations(x, xl, xh, sl, sh)
+    mm_k.split_q4_activations(x, shift, xl, xh, sl, sh)
     return xl, xh, sl, sh
 
 
@@ -154,13 +171,7 @@ class CpuBackend:
 
     def expert_matmul(self, x, src, w: QWeight, exp_start, tasks, out) -> None:
         """out[p] = W_e x[src[p]] for the pairs p of each expert e (see moe.py)."""
-        x = self.rounded(x, w)
-        if w.packed is not None and w.qtype in INT8_PACKED:
-            moe_k.expert_matmul_i8(x, src, *w.packed, exp_start, tasks, out)
-        elif w.packed is not None and w.qtype == QT.Q4_K:
-            moe_k.expert_matmul_q4_k(*split_q4_k(x), src, *w.packed, exp_start, tasks, out)
-        else:
-            moe_k.expert_matmul(x, src, w.raw, w.qtype, exp_start, tasks, out)
+        expert_linear(self.rounded(x, w), src, w, exp_start, tasks, out)
 
     def deltanet(self, l, layer, h, state, plan):
         a = self.args

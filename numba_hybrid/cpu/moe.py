@@ -12,7 +12,7 @@ import numpy as np
 
 from .dequant import dequant_row
 from .jit import kernel, prange
-from .matmul import RB, dot, dot_i8, dot_q4_k
+from .matmul import RB, dot, dot_i8, dot_q4
 
 
 @kernel
@@ -133,9 +133,9 @@ def expert_matmul_i8(x, src, qs, d, shift, exp_start, tasks, out):
 
 
 @kernel
-def expert_matmul_q4_k(xl, xh, sl, sh, src, qs, dlo, dhi, mlo, mhi, exp_start, tasks, out):
-    """expert_matmul for repacked Q4_K experts ([E, N, ...] arrays of repack_q4_k) on
-    split activations (split_q4_k_activations)."""
+def expert_matmul_q4(xl, xh, sl, sh, src, qs, dlo, dhi, mlo, mhi, shift, exp_start, tasks, out):
+    """expert_matmul for repacked Q4_0/Q4_1/Q4_K experts ([E, N, ...] arrays of
+    matmul.repack_q4_*) on split activations (matmul.split_q4_activations)."""
     N = qs.shape[1]
     for i in prange(tasks.shape[0]):
         e, b = tasks[i, 0], tasks[i, 1]
@@ -144,5 +144,5 @@ def expert_matmul_q4_k(xl, xh, sl, sh, src, qs, dlo, dhi, mlo, mhi, exp_start, t
         for r in range(r0, r1):
             for p in range(exp_start[e], exp_start[e + 1]):
                 t = src[p]
-                out[p, r] = dot_q4_k(qs[e, r], dlo[e, r], dhi[e, r], mlo[e, r], mhi[e, r],
-                                     xl[t], xh[t], sl[t], sh[t])
+                out[p, r] = dot_q4(qs[e, r], dlo[e, r], dhi[e, r], mlo[e, r], mhi[e, r], shift,
+                                   xl[t], xh[t], sl[t], sh[t])
