@@ -74,7 +74,9 @@ class StatePool:
         return int(slot)
 
     def clear(self, slot: int) -> None:
-        """Forget a slot: zero its recurrent state and mark it empty."""
+        """Forget a slot: zero its recurrent state and mark it empty. Its KV rows are left
+        as they are: a sequence starting in the slot writes position p before anything
+        reads it, and attention reads positions 0..p only."""
         slot = self.check_slot(slot)
         for group in (self.conv, self.ssm):
             for buf in group.values():
