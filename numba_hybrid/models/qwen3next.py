@@ -289,7 +289,7 @@ class Qwen3Next:
     def _recurrent(self, i, tk) -> dict[str, TensorInfo]:
         a = self.args
         H, C, Kc = a.n_embd, a.conv_channels, a.ssm_conv_kernel
-        hk, hv, dk, dv = a.ssm_k_heads, a.ssm_v_heads, a.ssm_k_dim, a.ssm_v_dim
+        hv, dv = a.ssm_v_heads, a.ssm_v_dim
         t = {}
         if self._has(i, "ssm_in.weight") and not self._has(i, "attn_qkv.weight"):
             t.update(self._split_legacy_ssm_in(tk("ssm_in.weight", (H, C + hv * dv))))
@@ -302,7 +302,6 @@ class Qwen3Next:
         t["ssm_a"] = tk("ssm_a", (hv,))
         t["ssm_norm"] = tk("ssm_norm.weight", (dv,))
         t["ssm_out"] = tk("ssm_out.weight", (hv * dv, H))
-        del hk, dk
         return t
 
     def _beta_alpha(self, i, tk) -> dict[str, TensorInfo]:
