@@ -117,6 +117,14 @@ class GGUFFile:
                 raise GGUFFormatError(f"{self.path}: tensor {info.name!r} appears twice")
             self.tensors[info.name] = info
 
+    def release_pages(self) -> None:
+        """Drop the mapped file pages from this process's resident memory (after the
+        weights were repacked, say). Nothing changes for the program: the pages are clean
+        and come back from the page cache or the disk if a tensor is read again."""
+        mm = getattr(self._reader.data, "_mmap", None)
+        if mm is not None and hasattr(mmap, "MADV_DONTNEED"):
+            mm.madvise(mmap.MADV_DONTNEED)
+
     def _tensor_info(self, t) -> TensorInfo:
         name = str(t.name)
         end = int(t.data_offset) + int(t.n_bytes)

@@ -116,6 +116,8 @@ class CpuBackend:
         self.output = qweight(model.output)
         self.output_norm = vector(model.output_norm)
         self.layers = [self._prepare(layer) for layer in model.layers]
+        # Repacking read the repacked tensors' pages; don't keep them resident beside the copy.
+        model.file.release_pages()
 
     @staticmethod
     def _prepare(layer) -> dict:
