@@ -25,6 +25,7 @@ to F16 when a row is not a multiple of 32). :func:`random_hf_checkpoint` and
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -275,6 +276,53 @@ def _minimal_tokenizer(d: Dims, c: dict) -> dict:
             "token_types": [1] * 257 + [5] * (d.V - 257), "merges": ["Ġ Ġ"], "pre": "qwen2",
             "eos_id": d.V - 1 if ids["eos"] is None else ids["eos"],
             "bos_id": ids["bos"], "pad_id": ids["pad"]}
+
+
+_CONTROL_LIKE = re.compile(r"<\|.*\|>")
+
+
+def tokenizer_from_hf(tokenizer_json: dict, vocab_size: int, eos_token: str | None = None,
+                      bos_token: str | None = None, pad_token: str | None = None,
+                      chat_template: str | None = None, pre: str = "qwen2") -> dict:
+    """The ``tokenizer`` argument of :func:`write_gguf` from a byte-level BPE
+    ``tokenizer.json`` (a parsed dict), as the converter's ``_set_vocab_gpt2`` builds it:
+    tokens by id (ids without a token become ``[PADn]`` fillers of type 5 UNUSED), type 3
+    CONTROL for added tokens marked special or looking like ``<|...|>``, 4 USER_DEFINED for
+    other added tokens, 1 NORMAL for the rest; merges as ``"left right"`` strings; eos, bos
+    and pad ids looked up by token text (None: the key is not written)."""
+    model = tokenizer_json.get("model") or {}
+    if model.get("type") != "BPE":
+        raise ValueError(f"expected a BPE tokenizer.json, got model type {model.get('type')!r}")
+    by_id: dict[int, str] = {int(i): t for t, i in model["vocab"].items()}
+    added = {int(a["id"]): a for a in tokenizer_json.get("added_tokens", [])}
+    by_id.update({i: a["content"] for i, a in added.items()})
+    if by_id and max(by_id) >= vocab_size:
+        raise ValueError(f"token id {max(by_id)} does not fit vocab_size {vocab_size}")
+    tokens, types = [], []
+    for i in range(vocab_size):
+        if i not in by_id:
+            tokens.append(f"[PAD{i}]")
+            types.append(5)
+            continue
+        tokens.append(by_id[i])
+        if i in added:
+            special = added[i].get("special") or _CONTROL_LIKE.fullmatch(by_id[i])
+            types.append(3 if special else 4)
+        else:
+            types.append(1)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    ids = {text: i for i, text in by_id.items()}
+
+    def token_id(text: str | None) -> int | None:
+        if text is None:
+            return None
+        if text not in ids:
+            raise ValueError(f"token {text!r} is not in the vocabulary")
+        return ids[text]
+
+    return {"tokens": tokens, "token_types": types, "merges": merges, "pre": pre,
+            "eos_id": token_id(eos_token), "bos_id": token_id(bos_token),
+            "pad_id": token_id(pad_token), "chat_template": chat_template}
 
 
 def write_gguf(path: str | os.PathLike, arch: str, config: dict, tensors: dict[str, np.ndarray],
