@@ -194,9 +194,12 @@ def test_verbose_adds_the_traceback(bad_files, case, where):
     assert last.startswith(ERROR_PREFIX) and words in last
 
 
+def test_info_without_a_model_describes_the_bundled_one():
+    proc = run_cli("info", check_rc=0)
+    assert "architecture:  qwen35" in proc.stdout and "shakespeare" in proc.stdout
+
+
 def test_usage_errors_exit_2():
-    proc = run_cli("info", check_rc=2)  # -m missing
-    assert "-m/--model" in proc.stderr and "Traceback" not in proc.stderr
     proc = run_cli("info", "-m", Q8, "-np", "0", check_rc=2)
     assert "at least 1" in proc.stderr
     proc = run_cli("info", "-m", Q8, "-c", "lots", check_rc=2)

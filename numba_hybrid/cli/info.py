@@ -9,7 +9,7 @@ import json
 import os
 import sys
 
-from .common import (_non_negative_int, _positive_int, _table, add_model_argument,
+from .common import (_model_path, _non_negative_int, _positive_int, _table, add_model_argument,
                      human_bytes, naming_file)
 
 
@@ -249,7 +249,7 @@ def format_info(facts: dict) -> str:
 
 
 def _info_arguments(p: argparse.ArgumentParser) -> None:
-    add_model_argument(p)
+    add_model_argument(p, required=False)
     p.add_argument("-c", "--ctx-size", type=_non_negative_int, default=4096, metavar="N_CTX",
                    help="context length (positions per sequence) to size the KV cache for; "
                         "0 uses the model's training context (default: %(default)s)")
@@ -263,6 +263,7 @@ def _info_arguments(p: argparse.ArgumentParser) -> None:
 def cmd_info(args: argparse.Namespace) -> int:
     from . import model_facts  # on the package, at call time: see numba_hybrid.cli
 
+    args.model = _model_path(args)
     with naming_file(args.model):
         facts = model_facts(args.model, args.ctx_size, args.parallel)
     if args.json:
