@@ -152,9 +152,13 @@ def _q3_k(row, out):  # hmask:u8[32] | qs:u8[64] | scales:u8[12] | d:f16
 
 
 @helper
-def _q4_k(row, out):  # d:f16 | dmin:f16 | scales:u8[12] | qs:u8[128]
+def _q45_k(row, out, bsize, has_qh):
+    """Q4_K (d:f16 | dmin:f16 | scales:u8[12] | qs:u8[128]) and Q5_K (the same with
+    qh:u8[32] before qs: bit 2c / 2c+1 of qh[l] is the 5th bit of chunk c's low / high
+    nibble). x = d*scale*q - dmin*min per 32-value sub-block."""
+    qs0 = 48 if has_qh else 16
     for b in range(out.size // 256):
-        o = b * 144
+        o = b * bsize
         d, dmin = f16(row, o), f16(row, o + 2)
         for c in range(4):
             sc0, m0 = _scale_min_k4(2 * c, row, o + 4)
@@ -162,26 +166,12 @@ def _q4_k(row, out):  # d:f16 | dmin:f16 | scales:u8[12] | qs:u8[128]
             d0, mm0, d1, mm1 = d * sc0, dmin * m0, d * sc1, dmin * m1
             y = b * 256 + c * 64
             for l in range(32):
-                q = np.int32(row[o + 16 + c * 32 + l])
-                out[y + l] = d0 * np.float32(q & 15) - mm0
-                out[y + 32 + l] = d1 * np.float32(q >> 4) - mm1
-
-
-@helper
-def _q5_k(row, out):  # d:f16 | dmin:f16 | scales:u8[12] | qh:u8[32] | qs:u8[128]
-    for b in range(out.size // 256):
-        o = b * 176
-        d, dmin = f16(row, o), f16(row, o + 2)
-        for c in range(4):
-            sc0, m0 = _scale_min_k4(2 * c, row, o + 4)
-            sc1, m1 = _scale_min_k4(2 * c + 1, row, o + 4)
-            d0, mm0, d1, mm1 = d * sc0, dmin * m0, d * sc1, dmin * m1
-            y = b * 256 + c * 64
-            for l in range(32):
-                q = np.int32(row[o + 48 + c * 32 + l])
-                h = np.int32(row[o + 16 + l])
-                lo = (q & 15) | (((h >> (2 * c)) & 1) << 4)
-                hi = (q >> 4) | (((h >> (2 * c + 1)) & 1) << 4)
+                q = np.int32(row[o + qs0 + c * 32 + l])
+                lo, hi = q & 15, q >> 4
+                if has_qh:
+                    h = np.int32(row[o + 16 + l])
+                    lo |= ((h >> (2 * c)) & 1) << 4
+                    hi |= ((h >> (2 * c + 1)) & 1) << 4
                 out[y + l] = d0 * np.float32(lo) - mm0
                 out[y + 32 + l] = d1 * np.float32(hi) - mm1
 
@@ -248,7 +238,7 @@ def dequant_row(row, qtype, out):
     if qtype == Q8_0:
         _q8_0(row, out)
     elif qtype == Q4_K:
-        _q4_k(row, out)
+        _q45_k(row, out, 144, False)
     elif qtype == Q6_K:
         _q6_k(row, out)
     elif qtype == F32:
@@ -257,7 +247,7 @@ def dequant_row(row, qtype, out):
             bits[k] = (np.uint32(row[4 * k]) | (np.uint32(row[4 * k + 1]) << 8)
                        | (np.uint32(row[4 * k + 2]) << 16) | (np.uint32(row[4 * k + 3]) << 24))
     elif qtype == Q5_K:
-        _q5_k(row, out)
+        _q45_k(row, out, 176, True)
     elif qtype == Q4_0:
         _q4_0(row, out)
     elif qtype == IQ4_XS:
