@@ -2,13 +2,15 @@
 (Q8_0, Q6_K, Q4_0, Q4_1 and Q4_K through their load-time repacking, other types
 through the generic kernel).
 
-For each weight type: check the kernel against the NumPy dequantisation (refuses to time a
-wrong kernel), then time y = W x for one token (GEMV: GB/s counted at the GGUF size of the
-weights and % of the measured memory bandwidth) and for T = 512 tokens (GFLOP/s).
-Activations are float32 (precision="exact"); "fast" only rounds them first, at the same
-kernel cost. Prints a table.
+For each weight type and precision: check the kernel against the float64 product
+(refuses to time a wrong kernel), then time y = W x for one token (GEMV: GB/s counted at
+the GGUF size of the weights and % of the measured memory bandwidth) and for T = 512
+tokens (GFLOP/s). "exact" multiplies float32 activations; "fast" quantises them to 8-bit
+blocks (the time of that is included) and runs the integer kernels for Q8_0, Q6_K and
+Q4_K (other types multiply the rounded activations in float32). Prints a table.
 
     python bench/bench_gemv.py [--rows 4096] [--cols 4096] [--types Q8_0,Q4_K,Q6_K,Q4_0]
+                               [--precision exact,fast]
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ import numpy as np
 from gguf import GGMLQuantizationType as QT
 
 import common
-from numba_hybrid.cpu.forward import linear, qweight
-from numba_hybrid.quants import dequantize
+from numba_hybrid.cpu.forward import INT_KERNEL, linear, linear_int, qweight, quantize
+from numba_hybrid.quants import ACT_NONE, activation_kind, dequantize, round_activations
 
 
 class _Tensor:
@@ -35,12 +37,14 @@ def main() -> None:
     ap.add_argument("--cols", type=int, default=4096)
     ap.add_argument("--types", default="Q8_0,Q4_K,Q6_K,Q4_0")
     ap.add_argument("--tokens", type=int, default=512, help="T for the GEMM column")
+    ap.add_argument("--precision", default="exact,fast")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     bw = common.memory_bandwidth()
     print(f"# {datetime.date.today()}  {common.machine()}")
     print(f"# measured read bandwidth: {bw:.1f} GB/s; W is {args.rows} x {args.cols}")
-    print(f"{'type':6} {'GEMV us':>9} {'GB/s':>7} {'% bw':>6} {'GEMM T':>7} {'GFLOP/s':>8}")
+    print(f"{'type':6} {'prec':5} {'GEMV us':>9} {'GB/s':>7} {'% bw':>6} {'GEMM T':>7} "
+          f"{'GFLOP/s':>8}")
     n_copies = max(2, int(2 * 2**30 // (args.rows * args.cols)))   # beat the caches
     for name in args.types.split(","):
         qt = QT[name]
@@ -48,26 +52,37 @@ def main() -> None:
                 for _ in range(min(n_copies, 8))]
         mats = [qweight(_Tensor(r, qt, (args.cols, args.rows))) for r in raws]
         x = rng.standard_normal((1, args.cols)).astype(np.float32)
-        out = np.empty((1, args.rows), np.float32)
-        linear(x, mats[0], out)
-        ref = x.astype(np.float64) @ dequantize(raws[0], qt).astype(np.float64).T
-        err = np.linalg.norm(out - ref) / np.linalg.norm(ref)
-        if not err < 1e-5:
-            raise SystemExit(f"{name}: kernel disagrees with the reference (rel {err:.2e})")
-        i = [0]
-
-        def gemv():
-            i[0] = (i[0] + 1) % len(mats)
-            linear(x, mats[i[0]], out)
-
-        t = common.median_time(gemv, repeat=30)
-        gbs = raws[0].nbytes / t / 1e9
         xt = rng.standard_normal((args.tokens, args.cols)).astype(np.float32)
-        outt = np.empty((args.tokens, args.rows), np.float32)
-        tt = common.median_time(lambda: linear(xt, mats[0], outt), repeat=3, warmup=1)
-        gflops = 2 * args.tokens * args.rows * args.cols / tt / 1e9
-        print(f"{name:6} {t * 1e6:9.0f} {gbs:7.1f} {100 * gbs / bw:6.1f} {args.tokens:7d} "
-              f"{gflops:8.1f}")
+        w64 = dequantize(raws[0], qt).astype(np.float64)
+        for precision in args.precision.split(","):
+            act = activation_kind(qt) if precision == "fast" else ACT_NONE
+
+            def run(xa, w, out):
+                if act != ACT_NONE and int(qt) in INT_KERNEL:
+                    linear_int(quantize(xa, act), w, out)
+                else:
+                    linear(round_activations(xa, act) if act != ACT_NONE else xa, w, out)
+
+            out = np.empty((1, args.rows), np.float32)
+            run(x, mats[0], out)
+            ref = round_activations(x, act).astype(np.float64) @ w64.T
+            err = np.linalg.norm(out - ref) / np.linalg.norm(ref)
+            if not err < 1e-5:
+                raise SystemExit(f"{name} {precision}: kernel disagrees with the reference "
+                                 f"(rel {err:.2e})")
+            i = [0]
+
+            def gemv():
+                i[0] = (i[0] + 1) % len(mats)
+                run(x, mats[i[0]], out)
+
+            t = common.median_time(gemv, repeat=30)
+            gbs = raws[0].nbytes / t / 1e9
+            outt = np.empty((args.tokens, args.rows), np.float32)
+            tt = common.median_time(lambda: run(xt, mats[0], outt), repeat=3, warmup=1)
+            gflops = 2 * args.tokens * args.rows * args.cols / tt / 1e9
+            print(f"{name:6} {precision:5} {t * 1e6:9.0f} {gbs:7.1f} {100 * gbs / bw:6.1f} "
+                  f"{args.tokens:7d} {gflops:8.1f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -12,9 +12,12 @@ DEVICES = ("reference", "cpu", "cuda")
 
 
 PRECISIONS = ("exact", "fast")
+# fast: as accurate against llama.cpp's own quantised runs, and its integer kernels are
+# faster (README, "Backends and precision").
+DEFAULT_PRECISION = "fast"
 
 
-def create_backend(device: str, model, precision: str = "exact"):
+def create_backend(device: str, model, precision: str = DEFAULT_PRECISION):
     """``precision``: "exact" keeps activations in float32 (weights dequantised exactly);
     "fast" rounds activations before each product with a quantised weight as ggml does."""
     if precision not in PRECISIONS:

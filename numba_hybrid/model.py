@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 
-from .backend import create_backend
+from .backend import DEFAULT_PRECISION, create_backend
 from .batch import plan_batch
 from .errors import NumbaHybridError
 from .gguf_file import GGUFFile
@@ -24,7 +24,8 @@ class Model:
     """
 
     def __init__(self, path: str | os.PathLike, device: str = "reference", n_slots: int = 4,
-                 n_ctx: int = 4096, precision: str = "exact", threads: int | None = None):
+                 n_ctx: int = 4096, precision: str = DEFAULT_PRECISION,
+                 threads: int | None = None):
         if int(n_slots) < 1:
             raise ValueError(f"n_slots must be at least 1, got {n_slots}")
         if int(n_ctx) < 1:
@@ -107,11 +108,13 @@ class Model:
 
 
 def load(path: str | os.PathLike | None = None, device: str = "reference", n_slots: int = 4,
-         n_ctx: int = 4096, precision: str = "exact", threads: int | None = None) -> Model:
+         n_ctx: int = 4096, precision: str = DEFAULT_PRECISION,
+         threads: int | None = None) -> Model:
     """Load a GGUF model (the bundled default model when ``path`` is None).
 
-    ``device``: "reference" | "cpu" | "cuda". ``precision``: "exact" (float32 activations)
-    or "fast" (activations rounded to 8-bit blocks as ggml does). ``threads``: CPU threads
+    ``device``: "reference" | "cpu" | "cuda". ``precision``: "fast" (the default: activations
+    rounded to 8-bit blocks as ggml does, integer kernels) or "exact" (float32 activations,
+    the weights exactly as dequantised). ``threads``: CPU threads
     for the kernels (default: all)."""
     if path is None:
         from .default_model import default_model_path

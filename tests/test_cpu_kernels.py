@@ -18,7 +18,8 @@ from numba_hybrid.batch import plan_batch
 from numba_hybrid.cpu import attention as attn_k
 from numba_hybrid.cpu import conv as conv_k
 from numba_hybrid.cpu import deltanet as dn_k
-from numba_hybrid.cpu.forward import expert_linear, linear, qweight
+from numba_hybrid.cpu.forward import (INT_KERNEL, expert_linear, expert_linear_int, linear,
+                                      linear_int, qweight, quantize)
 from numba_hybrid.cpu import matmul as mm_k
 from numba_hybrid.cpu import moe as moe_k
 from numba_hybrid.cpu import norm as norm_k
@@ -121,6 +122,30 @@ def test_matmul(qtype, T, precision):
         out = poisoned((T, n))
         linear(xr, packed, out)
         assert_close("matmul", ref, out)
+    # Fast precision's integer kernels (8-bit activations times Q8_0, Q6_K, Q4_K).
+    if precision == "fast" and int(qtype) in INT_KERNEL:
+        out = poisoned((T, n))
+        linear_int(quantize(x, act), packed, out)
+        assert_close("matmul", ref, out)
+
+
+@pytest.mark.parametrize("T", TOKENS)
+@pytest.mark.parametrize("kind", [quants.ACT_Q8_0, quants.ACT_Q8_K], ids=["Q8_0", "Q8_K"])
+def test_quantize_activations(kind, T):
+    """The integers and scales of the 8-bit blocks give exactly the rounded values of the
+    NumPy rounding, and the block sums are those values' sums."""
+    rng = np.random.default_rng(kind * 100 + T)
+    k = 768
+    x = (rng.standard_normal((T, k)) * rng.uniform(0.01, 10, (T, 1))).astype(np.float32)
+    x[0, 256:512] = 0.0                      # an all-zero block (Q8_K: a whole super-block)
+    x[-1, 5] = -40.0                         # a block whose largest magnitude is negative
+    xq = np.full((T, k), 99, np.int8)
+    xd, xs = poisoned((T, k // 32)), poisoned((T, k // 32))
+    quant_k.quantize_activations(x, kind, xq, xd, xs)
+    rounded = quants.round_activations(x, kind)
+    np.testing.assert_array_equal(xq.astype(np.float32) * np.repeat(xd, 32, axis=1), rounded)
+    sums = rounded.astype(np.float64).reshape(T, -1, 32).sum(-1)
+    np.testing.assert_allclose(xs, sums, rtol=1e-6, atol=1e-6 * np.abs(x).max())
 
 
 @pytest.mark.parametrize("qtype", [QT.Q4_0, QT.Q4_1, QT.Q4_K], ids=lambda q: q.name)
@@ -323,3 +348,25 @@ def test_moe(qtype, T):
         out = np.zeros((T, H), np.float32)
         moe_k.combine(y, pair_of, weights, out)
         assert_close("moe", ref, out)
+
+
+@pytest.mark.parametrize("T", TOKENS)
+@pytest.mark.parametrize("qtype", [QT.Q8_0, QT.Q6_K, QT.Q4_K], ids=lambda q: q.name)
+def test_expert_matmul_int(qtype, T):
+    """Fast precision's grouped expert kernels: every (token, rank) pair's product with its
+    expert against the float64 product of the rounded activations."""
+    rng = np.random.default_rng(70 + T)
+    H, E, Fe, k = 512, 5, 40, 3
+    x = rng.standard_normal((T, H)).astype(np.float32)
+    raw = np.stack([random_weight(qtype, Fe, H, rng) for _ in range(E)])
+    w = qweight(_Tensor(raw, qtype, (H, Fe, E)))
+    act = quants.activation_kind(qtype)
+    experts = np.stack([rng.choice(E, k, replace=False) for _ in range(T)])
+    src, exp_start, pair_of, counts = moe_k.group_pairs(experts, E, Fe)
+    out = poisoned((T * k, Fe))
+    expert_linear_int(quantize(x, act), src, w, exp_start, moe_k.tasks_for(counts, Fe), out)
+    xr = quants.round_activations(x, act).astype(np.float64)
+    ref = np.stack([xr[t] @ dequant_reference(raw[e], qtype).T
+                    for t, e in ((src[p], np.searchsorted(exp_start, p, "right") - 1)
+                                 for p in range(T * k))])
+    assert_close("matmul", ref, out)

@@ -14,7 +14,8 @@ from oracle import FIXTURES, MODELS, deq_reference_name, gguf_path, logits, rel_
 
 @functools.lru_cache(maxsize=None)
 def load(model: str, wtype: str, n_slots: int = 6) -> nh.Model:
-    return nh.load(gguf_path(model, wtype), device="reference", n_slots=n_slots, n_ctx=256)
+    return nh.load(gguf_path(model, wtype), device="reference", n_slots=n_slots, n_ctx=256,
+                   precision="exact")
 
 
 def solo(m: nh.Model, ids, slot: int = 0) -> np.ndarray:

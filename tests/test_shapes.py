@@ -139,7 +139,7 @@ def test_engine_matches_hf_math(tmp_path, seed, arch, overrides, out_type, legac
     path = tmp_path / f"{arch}.gguf"
     write_gguf(path, arch, config, ckpt, out_type=out_type, legacy_ssm_in=legacy)
 
-    model = numba_hybrid.load(path, device="reference", n_slots=3, n_ctx=64)
+    model = numba_hybrid.load(path, device="reference", n_slots=3, n_ctx=64, precision="exact")
     a = model.args
     d = config_dims(arch, config)
     assert (a.ssm_k_heads, a.ssm_v_heads, a.ssm_k_dim, a.ssm_v_dim) == (d.nk, d.nv, d.dk, d.dv)

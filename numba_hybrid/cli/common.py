@@ -121,16 +121,17 @@ def _add_verbose(p: argparse.ArgumentParser, default) -> None:
 
 
 def _add_runtime_arguments(p: argparse.ArgumentParser, model_required: bool = False) -> None:
-    from ..backend import DEVICES, PRECISIONS
+    from ..backend import DEFAULT_PRECISION, DEVICES, PRECISIONS
 
     add_model_argument(p, required=model_required)
     p.add_argument("--device", choices=DEVICES, default="cpu",
                    help="compute backend: 'cpu' (Numba kernels; the first run compiles them, "
                         "then they are cached on disk) or 'reference' (float64 NumPy, slow; "
                         "for checking) (default: %(default)s)")
-    p.add_argument("--precision", choices=PRECISIONS, default="exact",
-                   help="'exact' keeps activations in float32; 'fast' rounds them to 8-bit "
-                        "blocks before quantized products, as ggml does (default: "
+    p.add_argument("--precision", choices=PRECISIONS, default=DEFAULT_PRECISION,
+                   help="'fast' rounds activations to 8-bit blocks before quantized "
+                        "products, as ggml does, and multiplies in integers; 'exact' keeps "
+                        "them in float32 (slower, closer to the float64 math) (default: "
                         "%(default)s)")
     p.add_argument("-t", "--threads", type=_positive_int, default=None, metavar="N",
                    help="CPU threads for the kernels, 1 .. the machine's cores (default: all)")

@@ -51,6 +51,9 @@ REPACK = {int(QT.Q8_0): mm_k.repack_q8_0, int(QT.Q6_K): mm_k.repack_q6_k,
           int(QT.Q4_K): mm_k.repack_q4_k}
 INT8_PACKED = (int(QT.Q8_0), int(QT.Q6_K))
 Q4_PACKED = (int(QT.Q4_0), int(QT.Q4_1), int(QT.Q4_K))
+# Packed types with an integer kernel for 8-bit activations (precision="fast"); the others
+# multiply the rounded activations in float32, with the same values.
+INT_KERNEL = (int(QT.Q8_0), int(QT.Q6_K), int(QT.Q4_K))
 
 
 def qweight(t, repack: bool = True) -> QWeight:
@@ -84,6 +87,35 @@ def expert_linear(x, src, w: QWeight, exp_start, tasks, out) -> None:
         moe_k.expert_matmul(x, src, w.raw, w.qtype, exp_start, tasks, out)
 
 
+def quantize(x: np.ndarray, kind: int):
+    """Activations [T, K] -> ggml's 8-bit blocks of ``kind``: (xq, xd, xs), see
+    quantize.quantize_activations."""
+    T, K = x.shape
+    xq = np.empty((T, K), np.int8)
+    xd = np.empty((T, K // 32), np.float32)
+    xs = np.empty_like(xd)
+    quant_k.quantize_activations(x, kind, xq, xd, xs)
+    return xq, xd, xs
+
+
+def linear_int(q, w: QWeight, out: np.ndarray) -> None:
+    """out [T, N] = the 8-bit activations q (quantize) @ W^T, W of a type in INT_KERNEL."""
+    xq, xd, xs = q
+    if w.qtype == int(QT.Q4_K):
+        mm_k.matmul_q4k(xq, xd, xs, *w.packed[:-1], out)
+    else:
+        mm_k.matmul_q8(xq, xd, *w.packed, out)
+
+
+def expert_linear_int(q, src, w: QWeight, exp_start, tasks, out) -> None:
+    """expert_linear on 8-bit activations, W of a type in INT_KERNEL."""
+    xq, xd, xs = q
+    if w.qtype == int(QT.Q4_K):
+        moe_k.expert_matmul_q4k(xq, xd, xs, src, *w.packed[:-1], exp_start, tasks, out)
+    else:
+        moe_k.expert_matmul_q8(xq, xd, src, *w.packed, exp_start, tasks, out)
+
+
 def split_q4(x: np.ndarray, shift: int):
     """Activations [T, K] split for the repacked 4-bit kernels with groups of 1 << shift
     bytes: (xl, xh, sl, sh)."""
@@ -96,6 +128,23 @@ def split_q4(x: np.ndarray, shift: int):
     return xl, xh, sl, sh
 
 
+class Input:
+    """A matmul input and its 8-bit quantisations, each made once, when first needed.
+    Wrap an array only while its contents stay as they are."""
+
+    __slots__ = ("x", "_quantized")
+
+    def __init__(self, x: np.ndarray):
+        self.x = x
+        self._quantized: dict = {}
+
+    def quantized(self, kind: int):
+        q = self._quantized.get(kind)
+        if q is None:
+            q = self._quantized[kind] = quantize(self.x, kind)
+        return q
+
+
 def vector(t) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(t.data, dtype=np.float32).reshape(-1))
 
@@ -105,7 +154,7 @@ class CpuBackend:
     state_dtype = np.float32
     kv_dtype = np.float32
 
-    def __init__(self, model, precision: str = "exact"):
+    def __init__(self, model, precision: str = "fast"):
         self.model = model
         self.fast = precision == "fast"
         a = self.args = model.args
@@ -157,6 +206,13 @@ class CpuBackend:
         norm_k.rms_norm(xo, self.output_norm, a.rms_eps, xn)
         return self.matmul(xn, self.output)
 
+    def int_input(self, x: Input, w: QWeight):
+        """In fast precision, for a weight with an integer kernel: x quantised for it, else
+        None."""
+        if not self.fast or w.packed is None or w.qtype not in INT_KERNEL:
+            return None
+        return x.quantized(w.act)
+
     def rounded(self, x, w: QWeight) -> np.ndarray:
         """The input of a product with w: x itself, or in fast precision x rounded the way
         ggml quantises activations for w's type."""
@@ -167,17 +223,29 @@ class CpuBackend:
         return out
 
     def matmul(self, x, w: QWeight) -> np.ndarray:
-        out = np.empty((x.shape[0], w.n_rows), np.float32)
-        linear(self.rounded(x, w), w, out)
+        """x @ W^T; x an array or an Input (to share its quantisation between products)."""
+        x = x if isinstance(x, Input) else Input(x)
+        out = np.empty((x.x.shape[0], w.n_rows), np.float32)
+        q = self.int_input(x, w)
+        if q is not None:
+            linear_int(q, w, out)
+        else:
+            linear(self.rounded(x.x, w), w, out)
         return out
 
     def expert_matmul(self, x, src, w: QWeight, exp_start, tasks, out) -> None:
         """out[p] = W_e x[src[p]] for the pairs p of each expert e (see moe.py)."""
-        expert_linear(self.rounded(x, w), src, w, exp_start, tasks, out)
+        x = x if isinstance(x, Input) else Input(x)
+        q = self.int_input(x, w)
+        if q is not None:
+            expert_linear_int(q, src, w, exp_start, tasks, out)
+        else:
+            expert_linear(self.rounded(x.x, w), src, w, exp_start, tasks, out)
 
     def deltanet(self, l, layer, h, state, plan):
         a = self.args
         T = h.shape[0]
+        h = Input(h)
         qkv = self.matmul(h, layer["attn_qkv"])
         z = self.matmul(h, layer["attn_gate"])
         beta = self.matmul(h, layer["ssm_beta"])
@@ -196,6 +264,7 @@ class CpuBackend:
     def attention(self, l, layer, h, state, plan):
         a = self.args
         T = h.shape[0]
+        h = Input(h)
         qg = self.matmul(h, layer["attn_q"])
         k = self.matmul(h, layer["attn_k"])
         v = self.matmul(h, layer["attn_v"])
@@ -205,13 +274,14 @@ class CpuBackend:
                          self.inv_freq, state.k[l], state.v[l], plan.positions, tok_slot, o)
         return self.matmul(o, layer["attn_output"])
 
-    def ffn(self, layer, h):
+    def ffn(self, layer, h_array):
         a = self.args
+        T, k = h_array.shape[0], a.n_expert_used
+        h = Input(h_array)
         if a.ffn_kind == "dense":
-            act = np.empty((h.shape[0], a.n_ff), np.float32)
+            act = np.empty((T, a.n_ff), np.float32)
             norm_k.swiglu(self.matmul(h, layer["ffn_gate"]), self.matmul(h, layer["ffn_up"]), act)
             return self.matmul(act, layer["ffn_down"])
-        T, k = h.shape[0], a.n_expert_used
         experts = np.empty((T, k), np.int64)
         weights = np.empty((T, k), np.float32)
         moe_k.route(self.matmul(h, layer["ffn_gate_inp"]), k, experts, weights)
@@ -233,6 +303,6 @@ class CpuBackend:
             act = np.empty((T, a.n_ff_shexp), np.float32)
             norm_k.swiglu(self.matmul(h, layer["ffn_gate_shexp"]),
                           self.matmul(h, layer["ffn_up_shexp"]), act)
-            moe_k.shared_gate(h, layer["ffn_gate_inp_shexp"],
+            moe_k.shared_gate(h_array, layer["ffn_gate_inp_shexp"],
                               self.matmul(act, layer["ffn_down_shexp"]), out)
         return out

@@ -15,6 +15,7 @@ from gguf import GGMLQuantizationType as QT
 
 from .dequant import dequant_row
 from .jit import helper, kernel, prange
+from .simd import dot_q4_k, dot_q6_k, dot_q8_0
 
 RB = 16
 
@@ -251,3 +252,56 @@ def matmul_q4(xl, xh, sl, sh, qs, dlo, dhi, mlo, mhi, shift, out):
                 for t in range(t0, min(T, t0 + TB)):
                     out[t, r] = dot_q4(qs[r], dlo[r], dhi[r], mlo[r], mhi[r], shift, xl[t],
                                        xh[t], sl[t], sh[t])
+
+
+# ---- precision="fast": 8-bit activations times the repacked weights, in integers ------------
+#
+# quantize.quantize_activations gives xq int8 [T, K], xd [T, K/32] and xs [T, K/32] (the
+# rounded activations are xd * xq); simd.py holds the integer row dots. Tiling as above.
+
+
+@helper
+def dot_q8(qs, d, shift, xq, xd):
+    """Repacked Q8_0 (shift 5) or Q6_K (shift 4) row . 8-bit activations."""
+    if shift == Q8_0_SHIFT:
+        return dot_q8_0(qs, d, xq, xd)
+    return dot_q6_k(qs, d, xq, xd)
+
+
+@helper
+def dot_q4k(qs, dlo, dhi, mlo, mhi, xq, xd, xs):
+    """Repacked Q4_K row . 8-bit activations: the nibble products minus the mins."""
+    m = np.float32(0.0)
+    for g in range(mlo.size):
+        m += mlo[g] * xs[2 * g] + mhi[g] * xs[2 * g + 1]
+    return dot_q4_k(qs, dlo, dhi, xq, xd) - m
+
+
+@kernel
+def matmul_q8(xq, xd, qs, d, shift, out):
+    """8-bit activations times repacked Q8_0 / Q6_K (repack_q8_0, repack_q6_k) -> out [T, N]."""
+    T = xq.shape[0]
+    N = qs.shape[0]
+    for b in prange((N + RB - 1) // RB):
+        r0 = b * RB
+        r1 = min(N, r0 + RB)
+        for t0 in range(0, T, TB):
+            for r in range(r0, r1):
+                q, dr = qs[r], d[r]
+                for t in range(t0, min(T, t0 + TB)):
+                    out[t, r] = dot_q8(q, dr, shift, xq[t], xd[t])
+
+
+@kernel
+def matmul_q4k(xq, xd, xs, qs, dlo, dhi, mlo, mhi, out):
+    """8-bit activations times repacked Q4_K (repack_q4_k) -> out [T, N]."""
+    T = xq.shape[0]
+    N = qs.shape[0]
+    for b in prange((N + RB - 1) // RB):
+        r0 = b * RB
+        r1 = min(N, r0 + RB)
+        for t0 in range(0, T, TB):
+            for r in range(r0, r1):
+                for t in range(t0, min(T, t0 + TB)):
+                    out[t, r] = dot_q4k(qs[r], dlo[r], dhi[r], mlo[r], mhi[r], xq[t], xd[t],
+                                        xs[t])

@@ -12,7 +12,7 @@ import numpy as np
 
 from .dequant import dequant_row
 from .jit import kernel, prange
-from .matmul import RB, dot, dot_i8, dot_q4
+from .matmul import RB, dot, dot_i8, dot_q4, dot_q4k, dot_q8
 
 
 @kernel
@@ -146,3 +146,33 @@ def expert_matmul_q4(xl, xh, sl, sh, src, qs, dlo, dhi, mlo, mhi, shift, exp_sta
                 t = src[p]
                 out[p, r] = dot_q4(qs[e, r], dlo[e, r], dhi[e, r], mlo[e, r], mhi[e, r], shift,
                                    xl[t], xh[t], sl[t], sh[t])
+
+
+@kernel
+def expert_matmul_q8(xq, xd, src, qs, d, shift, exp_start, tasks, out):
+    """expert_matmul on 8-bit activations (precision="fast") for Q8_0 / Q6_K experts."""
+    N = qs.shape[1]
+    for i in prange(tasks.shape[0]):
+        e, b = tasks[i, 0], tasks[i, 1]
+        r0 = b * RB
+        r1 = min(N, r0 + RB)
+        for r in range(r0, r1):
+            q, dr = qs[e, r], d[e, r]
+            for p in range(exp_start[e], exp_start[e + 1]):
+                t = src[p]
+                out[p, r] = dot_q8(q, dr, shift, xq[t], xd[t])
+
+
+@kernel
+def expert_matmul_q4k(xq, xd, xs, src, qs, dlo, dhi, mlo, mhi, exp_start, tasks, out):
+    """expert_matmul on 8-bit activations (precision="fast") for Q4_K experts."""
+    N = qs.shape[1]
+    for i in prange(tasks.shape[0]):
+        e, b = tasks[i, 0], tasks[i, 1]
+        r0 = b * RB
+        r1 = min(N, r0 + RB)
+        for r in range(r0, r1):
+            for p in range(exp_start[e], exp_start[e + 1]):
+                t = src[p]
+                out[p, r] = dot_q4k(qs[e, r], dlo[e, r], dhi[e, r], mlo[e, r], mhi[e, r],
+                                    xq[t], xd[t], xs[t])

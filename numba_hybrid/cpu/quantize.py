@@ -76,3 +76,46 @@ def round_activations(x, kind, out):
                 d = np.float32(1.0) / s
                 for j in range(256):
                     out[t, b * 256 + j] = d * min(np.float32(127.0), np.rint(x[t, b * 256 + j] * s))
+
+
+@strict
+def quantize_activations(x, kind, xq, xd, xs):
+    """x float32 [T, K] -> the integers and scales of ggml's 8-bit activation blocks:
+    xq int8 [T, K], xd [T, K/32] (Q8_K's per-256 scale repeated for each 32), and xs
+    [T, K/32], each 32-block's sum of rounded values. ``xd * xq`` is exactly what
+    round_activations gives. kind is ACT_Q8_0 or ACT_Q8_K."""
+    T, K = x.shape
+    for t in numba.prange(T):
+        if kind == ACT_Q8_0:
+            for b in range(K // 32):
+                amax = np.float32(0.0)
+                for j in range(32):
+                    amax = max(amax, abs(x[t, b * 32 + j]))
+                inv = np.float32(127.0) / amax if amax > 0 else np.float32(0.0)
+                d = f16_round(amax / np.float32(127.0))
+                n = 0
+                for j in range(32):
+                    q = np.int32(np.rint(x[t, b * 32 + j] * inv))
+                    xq[t, b * 32 + j] = q
+                    n += q
+                xd[t, b] = d
+                xs[t, b] = d * np.float32(n)
+        else:  # ACT_Q8_K
+            for b in range(K // 256):
+                amax = np.float32(0.0)
+                m = np.float32(0.0)
+                for j in range(256):
+                    ax = abs(x[t, b * 256 + j])
+                    if ax > amax:
+                        amax = ax
+                        m = x[t, b * 256 + j]
+                s = np.float32(-127.0) / m if amax > 0 else np.float32(0.0)
+                d = np.float32(1.0) / s if amax > 0 else np.float32(0.0)
+                for c in range(8):
+                    n = 0
+                    for j in range(b * 256 + c * 32, b * 256 + c * 32 + 32):
+                        q = np.int32(min(np.float32(127.0), np.rint(x[t, j] * s)))
+                        xq[t, j] = q
+                        n += q
+                    xd[t, b * 8 + c] = d
+                    xs[t, b * 8 + c] = d * np.float32(n)
