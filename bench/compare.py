@@ -1,23 +1,43 @@
 """numba_hybrid against llama.cpp (the llama-cpp-python package) on the same GGUF, in one run.
 
-Both engines run the same file with the same thread count, alternating, several repetitions,
-medians: prompt processing of 512 tokens, generation of 128 tokens after a 512-token prompt,
-aggregate generation with 1, 2, 4 and 8 parallel sequences (128-token prompts, 64 new
-tokens each; numba_hybrid only, see below), and multi-sequence prefill (8 prompts of 128
-tokens in one batch). Prints the figures and ratios and writes bench/results/<date>-cpu.md.
+What is measured, per model file, with the same thread count for both engines:
 
-llama-cpp-python's high-level API decodes one sequence per context, so the parallel rows
-of the peer are left empty rather than measured unfairly.
+- prompt processing of 512 tokens in one batch, and generation of 128 tokens after it;
+- aggregate generation of 1, 2, 4 and 8 parallel sequences (a 128-token prompt each, then
+  64 steps of one batch holding one new token of every sequence), and the prefill of 8
+  prompts of 128 tokens in one batch (8 sequence ids);
+- numba_hybrid's single-sequence generation with 8 slots configured against 1 slot (a
+  second model with n_slots=1, measured alternately with the first in the same process);
+- generation as a fraction of the memory roofline: the measured streaming read bandwidth
+  over the bytes of weights one token reads (from the GGUF tensor sizes: every tensor, the
+  routed experts scaled by n_expert_used / n_expert, the token embedding one row only
+  unless it is also the output matrix);
+- load time (from the start of loading to a model ready to decode, kernels compiled on
+  first use excluded) and resident memory (VmRSS) after loading and after the runs.
+
+Both engines get the same batches through the same code (``measure``): fixed token ids,
+nothing sampled, logits of the last token of each sequence only. llama.cpp is driven
+through llama-cpp-python's low-level batch API (bench/peer_llama.py): one context with
+8 sequences, one llama_decode per batch; numba_hybrid through ``Model.decode`` on 8 slots.
+Every repetition runs each engine in a fresh subprocess of this script (so that load time
+and memory are its own), alternating which engine goes first; figures are medians over
+the repetitions. Prints the tables and the targets (PASS/FAIL) and writes them to
+bench/results/<date>-cpu.md.
 
     python bench/compare.py -m bench/models/a3b-8l-q4_k_m.gguf [-m ...] [-t 2] [-r 3]
+
+llama-cpp-python is needed for the comparison only (``--no-peer`` measures numba_hybrid
+alone); numba_hybrid never imports it.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
-import platform
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -25,75 +45,220 @@ import numpy as np
 
 os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 
-import numba_hybrid as nh  # noqa: E402
-
 PROMPT, GEN, PAR_PROMPT, PAR_GEN = 512, 128, 128, 64
+N_SEQ = 8                                   # slots / sequences of the parallel rows
+N_CTX = PROMPT + GEN + 8                    # positions per sequence
+N_BATCH = N_SEQ * PAR_PROMPT                # the largest batch: the 8-sequence prefill
+RSS_SLACK_MB = 300
 
 
-def ours(path: str, threads: int, reps: int) -> dict:
-    m = nh.load(path, device="cpu", n_slots=8, n_ctx=PROMPT + GEN + 8, threads=threads)
-    rng = np.random.default_rng(0)
-    ids = rng.integers(0, m.args.n_vocab, PROMPT)
-    last = np.r_[np.zeros(PROMPT - 1, bool), True]
-    m.decode(ids[:8], np.arange(8), np.zeros(8, int))                       # compile
-    res: dict[str, list[float]] = {k: [] for k in ("pp", "tg", "np1", "np2", "np4", "np8",
-                                                   "mpp")}
-    for _ in range(reps):
-        m.reset(0)
-        t = time.perf_counter()
-        m.decode(ids, np.arange(PROMPT), np.zeros(PROMPT, int), logits=last)
-        res["pp"].append(PROMPT / (time.perf_counter() - t))
-        t = time.perf_counter()
-        for i in range(GEN):
-            m.decode([int(ids[i])], [PROMPT + i], [0])
-        res["tg"].append(GEN / (time.perf_counter() - t))
-        for n in (1, 2, 4, 8):
-            for s in range(n):
-                m.reset(s)
-            toks = np.tile(ids[:PAR_PROMPT], n)
-            pos = np.tile(np.arange(PAR_PROMPT), n)
-            seq = np.repeat(np.arange(n), PAR_PROMPT)
-            flags = pos == PAR_PROMPT - 1
-            t = time.perf_counter()
-            m.decode(toks, pos, seq, logits=flags)
-            if n == 8:
-                res["mpp"].append(n * PAR_PROMPT / (time.perf_counter() - t))
-            t = time.perf_counter()
-            for i in range(PAR_GEN):
-                m.decode(np.full(n, ids[i]), np.full(n, PAR_PROMPT + i), np.arange(n))
-            res[f"np{n}"].append(n * PAR_GEN / (time.perf_counter() - t))
-    return {k: float(np.median(v)) for k, v in res.items()}
+# ---- measurement, identical for both engines ------------------------------------------
+
+def _prompt(eng, ids, n: int) -> float:
+    """Sequences 0..n-1 start again with the prompt ``ids`` each, all in one batch; tok/s."""
+    for s in range(n):
+        eng.reset(s)
+    k = len(ids)
+    pos = np.tile(np.arange(k), n)
+    t = time.perf_counter()
+    eng.decode(np.tile(ids, n), pos, np.repeat(np.arange(n), k), logits=pos == k - 1)
+    return n * k / (time.perf_counter() - t)
 
 
-def peer(path: str, threads: int, reps: int) -> dict:
-    import llama_cpp
-
-    llm = llama_cpp.Llama(path, n_ctx=PROMPT + GEN + 8, n_batch=PROMPT, n_ubatch=PROMPT,
-                          n_threads=threads, n_threads_batch=threads, verbose=False)
-    rng = np.random.default_rng(0)
-    ids = [int(i) for i in rng.integers(0, llm.n_vocab(), PROMPT)]
-    res: dict[str, list[float]] = {"pp": [], "tg": []}
-    llm.eval(ids[:8])
-    for _ in range(reps):
-        llm.reset()
-        llm._ctx.kv_cache_clear()           # recurrent state too: the memory is hybrid
-        t = time.perf_counter()
-        llm.eval(ids)
-        res["pp"].append(PROMPT / (time.perf_counter() - t))
-        t = time.perf_counter()
-        for i in range(GEN):
-            llm.eval([ids[i]])
-        res["tg"].append(GEN / (time.perf_counter() - t))
-    return {k: float(np.median(v)) for k, v in res.items()}
+def _generate(eng, ids, n: int, start: int, steps: int) -> float:
+    """``steps`` batches of one token for each of sequences 0..n-1 at positions start..;
+    aggregate tok/s."""
+    seq = np.arange(n)
+    t = time.perf_counter()
+    for i in range(steps):
+        eng.decode(np.full(n, ids[i]), np.full(n, start + i), seq)
+    return n * steps / (time.perf_counter() - t)
 
 
-ROWS = [("pp", f"prompt processing, {PROMPT} tokens (tok/s)"),
-        ("tg", f"generation, {GEN} tokens after {PROMPT} (tok/s)"),
-        ("np1", "aggregate generation, 1 sequence (tok/s)"),
-        ("np2", "aggregate generation, 2 sequences (tok/s)"),
-        ("np4", "aggregate generation, 4 sequences (tok/s)"),
-        ("np8", "aggregate generation, 8 sequences (tok/s)"),
-        ("mpp", f"prefill of 8 x {PAR_PROMPT} tokens in one batch (tok/s)")]
+def measure(eng, ids, prompt=PROMPT, gen=GEN, par_prompt=PAR_PROMPT, par_gen=PAR_GEN) -> dict:
+    """Every throughput row once (tok/s) on an engine with ``decode``/``reset``."""
+    r = {"pp": _prompt(eng, ids[:prompt], 1), "tg": _generate(eng, ids, 1, prompt, gen)}
+    for n in (1, 2, 4, N_SEQ):
+        mpp = _prompt(eng, ids[:par_prompt], n)
+        if n == N_SEQ:
+            r["mpp"] = mpp
+        r[f"np{n}"] = _generate(eng, ids, n, par_prompt, par_gen)
+    return r
+
+
+def warm_up(eng, ids, parallel: bool = True) -> None:
+    """The same kinds of batches, small: kernels compiled, buffers allocated."""
+    if parallel:
+        measure(eng, ids, prompt=16, gen=2, par_prompt=16, par_gen=2)
+    else:
+        _prompt(eng, ids[:16], 1)
+        _generate(eng, ids, 1, 16, 2)
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def token_ids(n_vocab: int) -> np.ndarray:
+    return np.random.default_rng(0).integers(0, n_vocab, PROMPT)
+
+
+# ---- one engine, one repetition (run in a subprocess) ---------------------------------
+
+def worker_ours(path: str, threads: int, precision: str, rep: int) -> dict:
+    import numba_hybrid as nh
+
+    def load(n_slots):
+        return nh.load(path, device="cpu", n_slots=n_slots, n_ctx=N_CTX, threads=threads,
+                       precision=precision)
+
+    t = time.perf_counter()
+    m = load(N_SEQ)
+    r = {"load": time.perf_counter() - t, "rss_load": rss_mb(),
+         "state_mb": m.state.nbytes() / 2**20}
+    ids = token_ids(m.args.n_vocab)
+    warm_up(m, ids)
+    r.update(measure(m, ids))
+    r["rss_run"] = rss_mb()
+    # 8 slots against 1: a second model, after the RSS figures; which goes first alternates
+    m1 = load(1)
+    warm_up(m1, ids, parallel=False)
+    for n_slots, eng in [(N_SEQ, m), (1, m1)][::1 if rep % 2 else -1]:
+        _prompt(eng, ids, 1)
+        r[f"tg{n_slots}"] = _generate(eng, ids, 1, PROMPT, GEN)
+    return r
+
+
+def worker_peer(path: str, threads: int) -> dict:
+    from peer_llama import LlamaPeer
+
+    t = time.perf_counter()
+    p = LlamaPeer(path, n_seq=N_SEQ, n_ctx_seq=N_CTX, n_batch=N_BATCH, threads=threads)
+    r = {"load": time.perf_counter() - t, "rss_load": rss_mb()}
+    ids = token_ids(p.n_vocab)
+    warm_up(p, ids)
+    r.update(measure(p, ids))
+    r["rss_run"] = rss_mb()
+    return r
+
+
+def run_worker(engine: str, path: str, args, rep: int) -> dict:
+    cmd = [sys.executable, __file__, "--worker", engine, "--rep", str(rep), "-m", path,
+           "-t", str(args.threads), "--precision", args.precision]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+    if out.returncode != 0 or not lines:
+        sys.exit(f"{engine} on {path} failed (exit {out.returncode}):\n{out.stderr[-4000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+# ---- the memory roofline ----------------------------------------------------------------
+
+def weight_bytes_per_token(path: str) -> int:
+    """Bytes of weights one generated token reads: every tensor, the routed experts
+    (3-D ``*_exps``) scaled by n_expert_used / n_expert, the token embedding one row only
+    unless it is also the output matrix."""
+    from numba_hybrid.gguf_file import GGUFFile
+
+    f = GGUFFile(path)
+    arch = f.architecture
+    n_exp = f.get_int(f"{arch}.expert_count", 0)
+    used = f.get_int(f"{arch}.expert_used_count", 0)
+    tied = "output.weight" not in f.tensors
+    total = 0.0
+    for name, t in f.tensors.items():
+        if "_exps" in name and n_exp:
+            total += t.n_bytes * used / n_exp
+        elif name == "token_embd.weight" and not tied:
+            total += t.n_bytes / t.ne[-1]
+        else:
+            total += t.n_bytes
+    return int(total)
+
+
+# ---- report -------------------------------------------------------------------------------
+
+ROWS = [("pp", f"prompt processing, {PROMPT} tokens (tok/s)", "{:.1f}"),
+        ("tg", f"generation, {GEN} tokens after {PROMPT}, {N_SEQ} slots configured (tok/s)",
+         "{:.1f}"),
+        ("tg1", f"generation, {GEN} tokens after {PROMPT}, 1 slot configured (tok/s)", "{:.1f}"),
+        ("np1", "aggregate generation, 1 sequence (tok/s)", "{:.1f}"),
+        ("np2", "aggregate generation, 2 sequences (tok/s)", "{:.1f}"),
+        ("np4", "aggregate generation, 4 sequences (tok/s)", "{:.1f}"),
+        ("np8", "aggregate generation, 8 sequences (tok/s)", "{:.1f}"),
+        ("mpp", f"prefill of {N_SEQ} x {PAR_PROMPT} tokens in one batch (tok/s)", "{:.1f}"),
+        ("roof", "generation / memory roofline", "{:.1%}"),
+        ("load", "load time (s)", "{:.2f}"),
+        ("rss_load", "resident memory after load (MB)", "{:.0f}"),
+        ("rss_run", "resident memory after the runs (MB)", "{:.0f}")]
+
+
+def targets(a: dict, b: dict, file_mb: float) -> list[tuple[str, float | None, bool | None]]:
+    """(target, measured value, passed) for one model; None where llama.cpp was not run."""
+    def vs_peer(key):
+        return a[key] / b[key] if b else None
+
+    limit = file_mb + a["state_mb"] + RSS_SLACK_MB
+    rows = [("generation >= 1.4x llama.cpp", vs_peer("tg"), 1.4),
+            ("prompt processing >= 1.5x llama.cpp", vs_peer("pp"), 1.5),
+            ("aggregate generation, 8 sequences >= 1.5x llama.cpp", vs_peer("np8"), 1.5),
+            ("generation, 8 slots / 1 slot configured >= 0.98x", a["tg8"] / a["tg1"], 0.98),
+            (f"prefill of {N_SEQ} x {PAR_PROMPT} >= 0.9x own single-sequence PP",
+             a["mpp"] / a["pp"], 0.9)]
+    out = [(name, v, None if v is None else v >= lo) for name, v, lo in rows]
+    out.append((f"RSS after the runs <= file + state + {RSS_SLACK_MB} MB "
+                f"({limit:.0f} MB)", a["rss_run"], a["rss_run"] <= limit))
+    load = a["load"] / b["load"] if b else None
+    out.append(("load time <= 2x llama.cpp", load, None if load is None else load <= 2))
+    return out
+
+
+def model_section(path: str, a: dict, b: dict, bw: float) -> tuple[list[str], list]:
+    wbytes = weight_bytes_per_token(path)
+    roof = bw * 1e9 / wbytes
+    file_mb = os.path.getsize(path) / 2**20
+    a["roof"] = a["tg"] / roof
+    if b:
+        b["roof"] = b["tg"] / roof
+    lines = [f"## {Path(path).name}", "",
+             "| measure | numba_hybrid | llama.cpp | ratio |", "|---|---|---|---|"]
+    for key, label, fmt in ROWS:
+        theirs, ratio = "-", "-"
+        if key in b:
+            theirs, ratio = fmt.format(b[key]), f"{a[key] / b[key]:.2f}x"
+        lines.append(f"| {label} | {fmt.format(a[key])} | {theirs} | {ratio} |")
+    lines += ["",
+              f"- memory roofline: {bw:.1f} GB/s / {wbytes / 1e6:.1f} MB of weights per "
+              f"token = {roof:.1f} tok/s",
+              f"- generation with {N_SEQ} slots / 1 slot configured (measured alternately "
+              f"in one process): {a['tg8']:.1f} / {a['tg1']:.1f} = {a['tg8'] / a['tg1']:.3f}",
+              f"- GGUF file {file_mb:.0f} MB; numba_hybrid state for {N_SEQ} slots x "
+              f"{N_CTX} positions {a['state_mb']:.0f} MB", ""]
+    return lines, targets(a, b, file_mb)
+
+
+def targets_section(names: list[str], results: list[list]) -> list[str]:
+    lines = ["## Targets", "", "| target | " + " | ".join(names) + " |",
+             "|---|" + "---|" * len(names)]
+    for i, (label, *_) in enumerate(results[0]):
+        cells = []
+        for res in results:
+            _, v, ok = res[i]
+            if v is None:
+                cells.append("n/a (no llama.cpp run)")
+            else:
+                num = f"{v:.0f} MB" if "RSS" in label else f"{v:.2f}x"
+                cells.append(f"{num} {'PASS' if ok else 'FAIL'}")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def median_dict(runs: list[dict]) -> dict:
+    return {k: float(np.median([r[k] for r in runs])) for k in runs[0]} if runs else {}
 
 
 def main() -> None:
@@ -101,25 +266,56 @@ def main() -> None:
     ap.add_argument("-m", "--model", action="append", required=True)
     ap.add_argument("-t", "--threads", type=int, default=2)
     ap.add_argument("-r", "--reps", type=int, default=3)
+    ap.add_argument("--precision", default=None,
+                    help="numba_hybrid's precision (default: nh.load's default)")
     ap.add_argument("--no-peer", action="store_true", help="measure numba_hybrid only")
+    ap.add_argument("-o", "--output", type=Path, default=None,
+                    help="report file (default: bench/results/<date>-cpu.md)")
+    ap.add_argument("--worker", choices=("ours", "peer"), help=argparse.SUPPRESS)
+    ap.add_argument("--rep", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
+
+    if args.worker:                         # one engine, one repetition, figures as JSON
+        path = args.model[0]
+        r = (worker_ours(path, args.threads, args.precision, args.rep) if args.worker == "ours"
+             else worker_peer(path, args.threads))
+        print("RESULT " + json.dumps(r), flush=True)
+        return
+
+    import importlib.metadata
+    import inspect
+
+    import common
+    import numba_hybrid as nh
+
+    if args.precision is None:
+        args.precision = inspect.signature(nh.load).parameters["precision"].default
+    peer_note = ""
+    if not args.no_peer:
+        try:
+            peer_note = f"; llama-cpp-python {importlib.metadata.version('llama_cpp_python')}"
+        except importlib.metadata.PackageNotFoundError:
+            sys.exit("llama-cpp-python is not installed here; install it or pass --no-peer")
+    bw = common.memory_bandwidth()
     lines = [f"# CPU comparison, {datetime.date.today()}", "",
-             f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
-             f"{args.threads} threads; medians of {args.reps} repetitions.", ""]
+             f"Machine: {common.machine()}. {args.threads} threads; numba_hybrid precision "
+             f"{args.precision!r}{peer_note}; medians of {args.reps} repetition(s); measured "
+             f"streaming read bandwidth {bw:.1f} GB/s.", ""]
+    names, all_targets = [], []
     for path in args.model:
-        a = ours(path, args.threads, args.reps)
-        b = {} if args.no_peer else peer(path, args.threads, args.reps)
-        lines += [f"## {Path(path).name}", "",
-                  "| measure | numba_hybrid | llama.cpp | ratio |", "|---|---|---|---|"]
-        for key, label in ROWS:
-            theirs = b.get(key)
-            ratio = f"{a[key] / theirs:.2f}x" if theirs else "-"
-            lines.append(f"| {label} | {a[key]:.1f} | {theirs:.1f} | {ratio} |" if theirs
-                         else f"| {label} | {a[key]:.1f} | - | - |")
-        lines.append("")
+        ours, theirs = [], []
+        for rep in range(args.reps):
+            engines = ["ours"] if args.no_peer else ["ours", "peer"][::1 if rep % 2 == 0 else -1]
+            for engine in engines:
+                (ours if engine == "ours" else theirs).append(run_worker(engine, path, args, rep))
+        section, tgt = model_section(path, median_dict(ours), median_dict(theirs), bw)
+        lines += section
+        names.append(Path(path).name)
+        all_targets.append(tgt)
+    lines += targets_section(names, all_targets)
     text = "\n".join(lines)
     print(text)
-    out = Path(__file__).parent / "results" / f"{datetime.date.today()}-cpu.md"
+    out = args.output or Path(__file__).parent / "results" / f"{datetime.date.today()}-cpu.md"
     out.write_text(text)
     print(f"written to {out}")
 
