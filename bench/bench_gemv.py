@@ -7,7 +7,8 @@ For each weight type and precision: check the kernel against the float64 product
 the GGUF size of the weights and % of the measured memory bandwidth) and for T = 512
 tokens (GFLOP/s). "exact" multiplies float32 activations; "fast" quantises them to 8-bit
 blocks (the time of that is included) and runs the integer kernels for Q8_0, Q6_K and
-Q4_K (other types multiply the rounded activations in float32). Prints a table.
+Q4_K on their own layouts (other types multiply the rounded activations in float32).
+Memory held per copy of the weights is the repacked size. Prints a table.
 
     python bench/bench_gemv.py [--rows 4096] [--cols 4096] [--types Q8_0,Q4_K,Q6_K,Q4_0]
                                [--precision exact,fast]
@@ -22,7 +23,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as QT
 
 import common
-from numba_hybrid.cpu.forward import INT_KERNEL, linear, linear_int, qweight, quantize
+from numba_hybrid.cpu.forward import linear, linear_int, qweight, quantize
 from numba_hybrid.quants import ACT_NONE, activation_kind, dequantize, round_activations
 
 
@@ -50,15 +51,16 @@ def main() -> None:
         qt = QT[name]
         raws = [common.random_quant_matrix(qt, args.rows, args.cols, rng)
                 for _ in range(min(n_copies, 8))]
-        mats = [qweight(_Tensor(r, qt, (args.cols, args.rows))) for r in raws]
+        layouts = {p: [qweight(_Tensor(r, qt, (args.cols, args.rows)), fast=p == "fast")
+                       for r in raws] for p in args.precision.split(",")}
         x = rng.standard_normal((1, args.cols)).astype(np.float32)
         xt = rng.standard_normal((args.tokens, args.cols)).astype(np.float32)
         w64 = dequantize(raws[0], qt).astype(np.float64)
-        for precision in args.precision.split(","):
+        for precision, mats in layouts.items():
             act = activation_kind(qt) if precision == "fast" else ACT_NONE
 
             def run(xa, w, out):
-                if act != ACT_NONE and int(qt) in INT_KERNEL:
+                if w.int_kernel:
                     linear_int(quantize(xa, act), w, out)
                 else:
                     linear(round_activations(xa, act) if act != ACT_NONE else xa, w, out)

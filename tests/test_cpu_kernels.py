@@ -18,7 +18,7 @@ from numba_hybrid.batch import plan_batch
 from numba_hybrid.cpu import attention as attn_k
 from numba_hybrid.cpu import conv as conv_k
 from numba_hybrid.cpu import deltanet as dn_k
-from numba_hybrid.cpu.forward import (INT_KERNEL, expert_linear, expert_linear_int, linear,
+from numba_hybrid.cpu.forward import (REPACK_INT, expert_linear, expert_linear_int, linear,
                                       linear_int, qweight, quantize)
 from numba_hybrid.cpu import matmul as mm_k
 from numba_hybrid.cpu import moe as moe_k
@@ -123,9 +123,9 @@ def test_matmul(qtype, T, precision):
         linear(xr, packed, out)
         assert_close("matmul", ref, out)
     # Fast precision's integer kernels (8-bit activations times Q8_0, Q6_K, Q4_K).
-    if precision == "fast" and int(qtype) in INT_KERNEL:
+    if precision == "fast" and int(qtype) in REPACK_INT:
         out = poisoned((T, n))
-        linear_int(quantize(x, act), packed, out)
+        linear_int(quantize(x, act), qweight(_Tensor(raw, qtype, (k, n)), fast=True), out)
         assert_close("matmul", ref, out)
 
 
@@ -139,7 +139,7 @@ def test_quantize_activations(kind, T):
     x = (rng.standard_normal((T, k)) * rng.uniform(0.01, 10, (T, 1))).astype(np.float32)
     x[0, 256:512] = 0.0                      # an all-zero block (Q8_K: a whole super-block)
     x[-1, 5] = -40.0                         # a block whose largest magnitude is negative
-    xq = np.full((T, k), 99, np.int8)
+    xq = np.full((T, k), 999, np.int16)
     xd, xs = poisoned((T, k // 32)), poisoned((T, k // 32))
     quant_k.quantize_activations(x, kind, xq, xd, xs)
     rounded = quants.round_activations(x, kind)
@@ -359,7 +359,7 @@ def test_expert_matmul_int(qtype, T):
     H, E, Fe, k = 512, 5, 40, 3
     x = rng.standard_normal((T, H)).astype(np.float32)
     raw = np.stack([random_weight(qtype, Fe, H, rng) for _ in range(E)])
-    w = qweight(_Tensor(raw, qtype, (H, Fe, E)))
+    w = qweight(_Tensor(raw, qtype, (H, Fe, E)), fast=True)
     act = quants.activation_kind(qtype)
     experts = np.stack([rng.choice(E, k, replace=False) for _ in range(T)])
     src, exp_start, pair_of, counts = moe_k.group_pairs(experts, E, Fe)

@@ -33,10 +33,11 @@ class QWeight:
     """A weight matrix as the kernels take it.
 
     ``raw``: the file's GGML rows ``uint8 [(E,) N, bytes]`` (a view of the memory map).
-    ``packed``: for Q8_0, Q6_K, Q4_0, Q4_1 and Q4_K, the load-time repacking
-    (matmul.repack_*, whose last element is the scale block's shift) that the fast flat
-    kernels read (None for other types, which the generic dequantise-a-tile kernel reads
-    from ``raw``)."""
+    ``packed``: the load-time repacking its kernels read, or None for types read straight
+    from ``raw`` by the generic dequantise-a-tile kernel. ``int_kernel`` tells which: False,
+    the float32-activation layouts of matmul.repack_* (Q8_0, Q6_K, Q4_0, Q4_1, Q4_K; the last
+    element is the scale block's shift); True, the integer layouts of matmul.repack_int_*
+    (Q8_0, Q6_K, Q4_K in precision="fast"), which take 8-bit activations."""
 
     raw: np.ndarray
     qtype: int
@@ -44,6 +45,7 @@ class QWeight:
     row_len: int
     act: int            # how precision="fast" rounds this matrix's input (quants.ACT_*)
     packed: tuple | None = None
+    int_kernel: bool = False
 
 
 REPACK = {int(QT.Q8_0): mm_k.repack_q8_0, int(QT.Q6_K): mm_k.repack_q6_k,
@@ -51,18 +53,23 @@ REPACK = {int(QT.Q8_0): mm_k.repack_q8_0, int(QT.Q6_K): mm_k.repack_q6_k,
           int(QT.Q4_K): mm_k.repack_q4_k}
 INT8_PACKED = (int(QT.Q8_0), int(QT.Q6_K))
 Q4_PACKED = (int(QT.Q4_0), int(QT.Q4_1), int(QT.Q4_K))
-# Packed types with an integer kernel for 8-bit activations (precision="fast"); the others
-# multiply the rounded activations in float32, with the same values.
-INT_KERNEL = (int(QT.Q8_0), int(QT.Q6_K), int(QT.Q4_K))
+# Types with an integer kernel for 8-bit activations (precision="fast"); in that precision
+# the other types multiply the rounded activations in float32, with the same values.
+REPACK_INT = {int(QT.Q8_0): mm_k.repack_int_q8_0, int(QT.Q6_K): mm_k.repack_int_q6_k,
+              int(QT.Q4_K): mm_k.repack_int_q4_k}
 
 
-def qweight(t, repack: bool = True) -> QWeight:
+def qweight(t, repack: bool = True, fast: bool = False) -> QWeight:
+    """The kernels' view of tensor t; with ``fast``, the integer layout where there is one."""
     data = np.ascontiguousarray(t.data)
     lead = tuple(reversed(t.ne))[:-1]
     raw = data.view(np.uint8).reshape(lead + (-1,))
     qtype = int(t.qtype)
+    kind = activation_kind(t.qtype)
+    if repack and fast and qtype in REPACK_INT:
+        return QWeight(raw, qtype, lead[-1], int(t.ne[0]), kind, REPACK_INT[qtype](raw), True)
     packed = REPACK[qtype](raw) if repack and qtype in REPACK else None
-    return QWeight(raw, qtype, lead[-1], int(t.ne[0]), activation_kind(t.qtype), packed)
+    return QWeight(raw, qtype, lead[-1], int(t.ne[0]), kind, packed)
 
 
 def linear(x: np.ndarray, w: QWeight, out: np.ndarray) -> None:
@@ -91,7 +98,7 @@ def quantize(x: np.ndarray, kind: int):
     """Activations [T, K] -> ggml's 8-bit blocks of ``kind``: (xq, xd, xs), see
     quantize.quantize_activations."""
     T, K = x.shape
-    xq = np.empty((T, K), np.int8)
+    xq = np.empty((T, K), np.int16)
     xd = np.empty((T, K // 32), np.float32)
     xs = np.empty_like(xd)
     quant_k.quantize_activations(x, kind, xq, xd, xs)
@@ -99,21 +106,25 @@ def quantize(x: np.ndarray, kind: int):
 
 
 def linear_int(q, w: QWeight, out: np.ndarray) -> None:
-    """out [T, N] = the 8-bit activations q (quantize) @ W^T, W of a type in INT_KERNEL."""
+    """out [T, N] = the 8-bit activations q (quantize) @ W^T, W in an integer layout."""
     xq, xd, xs = q
     if w.qtype == int(QT.Q4_K):
-        mm_k.matmul_q4k(xq, xd, xs, *w.packed[:-1], out)
+        mm_k.matmul_int_q4_k(xq, xd, xs, *w.packed, out)
+    elif w.qtype == int(QT.Q6_K):
+        mm_k.matmul_int_q6_k(xq, xd, *w.packed, out)
     else:
-        mm_k.matmul_q8(xq, xd, *w.packed, out)
+        mm_k.matmul_int_q8_0(xq, xd, *w.packed, out)
 
 
 def expert_linear_int(q, src, w: QWeight, exp_start, tasks, out) -> None:
-    """expert_linear on 8-bit activations, W of a type in INT_KERNEL."""
+    """expert_linear on 8-bit activations, W in an integer layout."""
     xq, xd, xs = q
     if w.qtype == int(QT.Q4_K):
-        moe_k.expert_matmul_q4k(xq, xd, xs, src, *w.packed[:-1], exp_start, tasks, out)
+        moe_k.expert_matmul_int_q4_k(xq, xd, xs, src, *w.packed, exp_start, tasks, out)
+    elif w.qtype == int(QT.Q6_K):
+        moe_k.expert_matmul_int_q6_k(xq, xd, src, *w.packed, exp_start, tasks, out)
     else:
-        moe_k.expert_matmul_q8(xq, xd, src, *w.packed, exp_start, tasks, out)
+        moe_k.expert_matmul_int_q8_0(xq, xd, src, *w.packed, exp_start, tasks, out)
 
 
 def split_q4(x: np.ndarray, shift: int):
@@ -162,19 +173,19 @@ class CpuBackend:
         half = a.n_rot // 2
         self.inv_freq = a.rope_theta ** (-np.arange(half, dtype=np.float64) * 2.0 / a.n_rot)
         self.embd = qweight(model.token_embd, repack=False)
-        self.output = qweight(model.output)
+        self.output = qweight(model.output, fast=self.fast)
         self.output_norm = vector(model.output_norm)
-        self.layers = [self._prepare(layer) for layer in model.layers]
+        self.layers = [self._prepare(layer, self.fast) for layer in model.layers]
         # Repacking read the repacked tensors' pages; don't keep them resident beside the copy.
         model.file.release_pages()
 
     @staticmethod
-    def _prepare(layer) -> dict:
+    def _prepare(layer, fast: bool) -> dict:
         out = {"kind": layer.kind}
         for name, t in layer.tensors.items():
             is_matrix = len(t.ne) >= 2 and name != "ssm_conv1d"
             if is_matrix:
-                out[name] = qweight(t)
+                out[name] = qweight(t, fast=fast)
             elif name == "ssm_conv1d":
                 out[name] = np.ascontiguousarray(np.asarray(t.data, np.float32))  # [C, Kc]
             else:
@@ -207,11 +218,9 @@ class CpuBackend:
         return self.matmul(xn, self.output)
 
     def int_input(self, x: Input, w: QWeight):
-        """In fast precision, for a weight with an integer kernel: x quantised for it, else
+        """For a weight in an integer layout (fast precision): x quantised for it, else
         None."""
-        if not self.fast or w.packed is None or w.qtype not in INT_KERNEL:
-            return None
-        return x.quantized(w.act)
+        return x.quantized(w.act) if w.int_kernel else None
 
     def rounded(self, x, w: QWeight) -> np.ndarray:
         """The input of a product with w: x itself, or in fast precision x rounded the way

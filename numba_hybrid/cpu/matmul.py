@@ -15,7 +15,7 @@ from gguf import GGMLQuantizationType as QT
 
 from .dequant import dequant_row
 from .jit import helper, kernel, prange
-from .simd import dot_q4_k, dot_q6_k, dot_q8_0
+from . import simd
 
 RB = 16
 
@@ -254,54 +254,165 @@ def matmul_q4(xl, xh, sl, sh, qs, dlo, dhi, mlo, mhi, shift, out):
                                        xh[t], sl[t], sh[t])
 
 
-# ---- precision="fast": 8-bit activations times the repacked weights, in integers ------------
+# ---- precision="fast": 8-bit activations times the weights, in integers ------------------
 #
-# quantize.quantize_activations gives xq int8 [T, K], xd [T, K/32] and xs [T, K/32] (the
-# rounded activations are xd * xq); simd.py holds the integer row dots. Tiling as above.
+# quantize.quantize_activations gives x int16 [T, K] (the 8-bit values, widened once),
+# xd [T, K/32] and xs [T, K/32] (the rounded activations are xd * x; xs their 32-sums).
+# Weights are repacked at load for simd.py's kernels (repack_int_*); each call there takes
+# one row and up to simd.TILE tokens. Tasks as above: blocks of RB rows, tokens in blocks
+# of TB so their activations stay in cache while the rows pass.
+
+
+def repack_int_q8_0(raw: np.ndarray):
+    """Raw Q8_0 rows -> (qs int8 [..., N, K], d [..., N, K/32]), 1.125 bytes per weight."""
+    qs, d, _ = repack_q8_0(raw)
+    return qs, d
+
+
+def repack_int_q6_k(raw: np.ndarray):
+    """Raw Q6_K rows -> (qs int8 q - 32 [..., N, K], sc int8 [..., N, K/16], d f32
+    [..., N, K/256]), 1.08 bytes per weight (file: 0.82)."""
+    lead = raw.shape[:-1]
+    blocks = raw.reshape(-1, 210)
+    q, _, _ = repack_q6_k(raw)
+    sc = np.ascontiguousarray(blocks[:, 192:208]).view(np.int8)
+    d = blocks[:, 208:210].copy().view(np.float16).astype(np.float32)
+    return q, sc.reshape(lead + (-1,)), d.reshape(lead + (-1,))
+
+
+def repack_int_q4_k(raw: np.ndarray):
+    """Raw Q4_K rows -> (qs uint8 [..., N, K/2], sc uint8 [..., N, K/32], d f32
+    [..., N, K/256], mn uint8 [..., N, K/32], dmin f32 [..., N, K/256]): the file's
+    nibbles and six-bit scales and mins unpacked, 0.59 bytes per weight (file: 0.5625)."""
+    from ..quants import _k_scale_min
+
+    lead = raw.shape[:-1]
+    shape = lead + (-1,)
+    blocks = raw.reshape(-1, 144)
+    sc, mn = _k_scale_min(blocks[:, 4:16])
+    d = blocks[:, 0:2].copy().view(np.float16).astype(np.float32)
+    dmin = blocks[:, 2:4].copy().view(np.float16).astype(np.float32)
+    return (np.ascontiguousarray(blocks[:, 16:]).reshape(shape),
+            sc.astype(np.uint8).reshape(shape), d.reshape(shape),
+            mn.astype(np.uint8).reshape(shape), dmin.reshape(shape))
 
 
 @helper
-def dot_q8(qs, d, shift, xq, xd):
-    """Repacked Q8_0 (shift 5) or Q6_K (shift 4) row . 8-bit activations."""
-    if shift == Q8_0_SHIFT:
-        return dot_q8_0(qs, d, xq, xd)
-    return dot_q6_k(qs, d, xq, xd)
+def tile_q8_0(qs, d, x, xd, tok, i0, n, res):
+    if n == 8:
+        simd.Q8_0_8(qs, d, x, xd, tok, i0, res)
+    elif n == 7:
+        simd.Q8_0_7(qs, d, x, xd, tok, i0, res)
+    elif n == 6:
+        simd.Q8_0_6(qs, d, x, xd, tok, i0, res)
+    elif n == 5:
+        simd.Q8_0_5(qs, d, x, xd, tok, i0, res)
+    elif n == 4:
+        simd.Q8_0_4(qs, d, x, xd, tok, i0, res)
+    elif n == 3:
+        simd.Q8_0_3(qs, d, x, xd, tok, i0, res)
+    elif n == 2:
+        simd.Q8_0_2(qs, d, x, xd, tok, i0, res)
+    else:
+        simd.Q8_0_1(qs, d, x, xd, tok, i0, res)
 
 
 @helper
-def dot_q4k(qs, dlo, dhi, mlo, mhi, xq, xd, xs):
-    """Repacked Q4_K row . 8-bit activations: the nibble products minus the mins."""
-    m = np.float32(0.0)
-    for g in range(mlo.size):
-        m += mlo[g] * xs[2 * g] + mhi[g] * xs[2 * g + 1]
-    return dot_q4_k(qs, dlo, dhi, xq, xd) - m
+def tile_q6_k(qs, sc, d, x, xd, tok, i0, n, res):
+    if n == 8:
+        simd.Q6_K_8(qs, sc, d, x, xd, tok, i0, res)
+    elif n == 7:
+        simd.Q6_K_7(qs, sc, d, x, xd, tok, i0, res)
+    elif n == 6:
+        simd.Q6_K_6(qs, sc, d, x, xd, tok, i0, res)
+    elif n == 5:
+        simd.Q6_K_5(qs, sc, d, x, xd, tok, i0, res)
+    elif n == 4:
+        simd.Q6_K_4(qs, sc, d, x, xd, tok, i0, res)
+    elif n == 3:
+        simd.Q6_K_3(qs, sc, d, x, xd, tok, i0, res)
+    elif n == 2:
+        simd.Q6_K_2(qs, sc, d, x, xd, tok, i0, res)
+    else:
+        simd.Q6_K_1(qs, sc, d, x, xd, tok, i0, res)
+
+
+@helper
+def tile_q4_k(qs, sc, d, mn, dmin, x, xd, xs, tok, i0, n, res, ml):
+    """Q4_K: the nibble products minus the mins, sum over 32-blocks of dmin*mn*xs."""
+    if n == 8:
+        simd.Q4_K_8(qs, sc, d, x, xd, tok, i0, res)
+    elif n == 7:
+        simd.Q4_K_7(qs, sc, d, x, xd, tok, i0, res)
+    elif n == 6:
+        simd.Q4_K_6(qs, sc, d, x, xd, tok, i0, res)
+    elif n == 5:
+        simd.Q4_K_5(qs, sc, d, x, xd, tok, i0, res)
+    elif n == 4:
+        simd.Q4_K_4(qs, sc, d, x, xd, tok, i0, res)
+    elif n == 3:
+        simd.Q4_K_3(qs, sc, d, x, xd, tok, i0, res)
+    elif n == 2:
+        simd.Q4_K_2(qs, sc, d, x, xd, tok, i0, res)
+    else:
+        simd.Q4_K_1(qs, sc, d, x, xd, tok, i0, res)
+    for c in range(ml.size):
+        ml[c] = dmin[c >> 3] * np.float32(mn[c])
+    for j in range(n):
+        xt = xs[tok[i0 + j]]
+        m = np.float32(0.0)
+        for c in range(ml.size):
+            m += ml[c] * xt[c]
+        res[j] -= m
+
+
+# One kernel per type (their weight arguments differ in number and type); the loop nest is
+# the same: row blocks over threads, tokens in blocks of TB, then tiles of simd.TILE.
+
+@kernel
+def matmul_int_q8_0(x, xd, qs, d, out):
+    """8-bit activations (quantize_activations) times Q8_0 (repack_int_q8_0) -> out [T, N]."""
+    T, N = x.shape[0], qs.shape[0]
+    tok = np.arange(T)
+    for b in prange((N + RB - 1) // RB):
+        res = np.empty(simd.TILE, np.float32)
+        for t0 in range(0, T, TB):
+            t1 = min(T, t0 + TB)
+            for r in range(b * RB, min(N, b * RB + RB)):
+                for i0 in range(t0, t1, simd.TILE):
+                    n = min(simd.TILE, t1 - i0)
+                    tile_q8_0(qs[r], d[r], x, xd, tok, i0, n, res)
+                    out[i0:i0 + n, r] = res[:n]
 
 
 @kernel
-def matmul_q8(xq, xd, qs, d, shift, out):
-    """8-bit activations times repacked Q8_0 / Q6_K (repack_q8_0, repack_q6_k) -> out [T, N]."""
-    T = xq.shape[0]
-    N = qs.shape[0]
+def matmul_int_q6_k(x, xd, qs, sc, d, out):
+    """8-bit activations times Q6_K (repack_int_q6_k) -> out [T, N]."""
+    T, N = x.shape[0], qs.shape[0]
+    tok = np.arange(T)
     for b in prange((N + RB - 1) // RB):
-        r0 = b * RB
-        r1 = min(N, r0 + RB)
+        res = np.empty(simd.TILE, np.float32)
         for t0 in range(0, T, TB):
-            for r in range(r0, r1):
-                q, dr = qs[r], d[r]
-                for t in range(t0, min(T, t0 + TB)):
-                    out[t, r] = dot_q8(q, dr, shift, xq[t], xd[t])
+            t1 = min(T, t0 + TB)
+            for r in range(b * RB, min(N, b * RB + RB)):
+                for i0 in range(t0, t1, simd.TILE):
+                    n = min(simd.TILE, t1 - i0)
+                    tile_q6_k(qs[r], sc[r], d[r], x, xd, tok, i0, n, res)
+                    out[i0:i0 + n, r] = res[:n]
 
 
 @kernel
-def matmul_q4k(xq, xd, xs, qs, dlo, dhi, mlo, mhi, out):
-    """8-bit activations times repacked Q4_K (repack_q4_k) -> out [T, N]."""
-    T = xq.shape[0]
-    N = qs.shape[0]
+def matmul_int_q4_k(x, xd, xs, qs, sc, d, mn, dmin, out):
+    """8-bit activations (xs: their 32-sums) times Q4_K (repack_int_q4_k) -> out [T, N]."""
+    T, N = x.shape[0], qs.shape[0]
+    tok = np.arange(T)
     for b in prange((N + RB - 1) // RB):
-        r0 = b * RB
-        r1 = min(N, r0 + RB)
+        res = np.empty(simd.TILE, np.float32)
+        ml = np.empty(xs.shape[1], np.float32)
         for t0 in range(0, T, TB):
-            for r in range(r0, r1):
-                for t in range(t0, min(T, t0 + TB)):
-                    out[t, r] = dot_q4k(qs[r], dlo[r], dhi[r], mlo[r], mhi[r], xq[t], xd[t],
-                                        xs[t])
+            t1 = min(T, t0 + TB)
+            for r in range(b * RB, min(N, b * RB + RB)):
+                for i0 in range(t0, t1, simd.TILE):
+                    n = min(simd.TILE, t1 - i0)
+                    tile_q4_k(qs[r], sc[r], d[r], mn[r], dmin[r], x, xd, xs, tok, i0, n, res, ml)
+                    out[i0:i0 + n, r] = res[:n]

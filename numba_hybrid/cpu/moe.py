@@ -12,7 +12,8 @@ import numpy as np
 
 from .dequant import dequant_row
 from .jit import kernel, prange
-from .matmul import RB, dot, dot_i8, dot_q4, dot_q4k, dot_q8
+from . import simd
+from .matmul import RB, dot, dot_i8, dot_q4, tile_q4_k, tile_q6_k, tile_q8_0
 
 
 @kernel
@@ -148,31 +149,51 @@ def expert_matmul_q4(xl, xh, sl, sh, src, qs, dlo, dhi, mlo, mhi, shift, exp_sta
                                    xl[t], xh[t], sl[t], sh[t])
 
 
+# precision="fast": 8-bit activations (quantize_activations) times experts repacked by
+# matmul.repack_int_*; the pairs of an expert are its tokens, in tiles of simd.TILE.
+
 @kernel
-def expert_matmul_q8(xq, xd, src, qs, d, shift, exp_start, tasks, out):
-    """expert_matmul on 8-bit activations (precision="fast") for Q8_0 / Q6_K experts."""
+def expert_matmul_int_q8_0(x, xd, src, qs, d, exp_start, tasks, out):
+    """expert_matmul for Q8_0 experts on 8-bit activations."""
     N = qs.shape[1]
     for i in prange(tasks.shape[0]):
         e, b = tasks[i, 0], tasks[i, 1]
-        r0 = b * RB
-        r1 = min(N, r0 + RB)
-        for r in range(r0, r1):
-            q, dr = qs[e, r], d[e, r]
-            for p in range(exp_start[e], exp_start[e + 1]):
-                t = src[p]
-                out[p, r] = dot_q8(q, dr, shift, xq[t], xd[t])
+        res = np.empty(simd.TILE, np.float32)
+        p0, p1 = exp_start[e], exp_start[e + 1]
+        for r in range(b * RB, min(N, b * RB + RB)):
+            for i0 in range(p0, p1, simd.TILE):
+                n = min(simd.TILE, p1 - i0)
+                tile_q8_0(qs[e, r], d[e, r], x, xd, src, i0, n, res)
+                out[i0:i0 + n, r] = res[:n]
 
 
 @kernel
-def expert_matmul_q4k(xq, xd, xs, src, qs, dlo, dhi, mlo, mhi, exp_start, tasks, out):
-    """expert_matmul on 8-bit activations (precision="fast") for Q4_K experts."""
+def expert_matmul_int_q6_k(x, xd, src, qs, sc, d, exp_start, tasks, out):
+    """expert_matmul for Q6_K experts on 8-bit activations."""
     N = qs.shape[1]
     for i in prange(tasks.shape[0]):
         e, b = tasks[i, 0], tasks[i, 1]
-        r0 = b * RB
-        r1 = min(N, r0 + RB)
-        for r in range(r0, r1):
-            for p in range(exp_start[e], exp_start[e + 1]):
-                t = src[p]
-                out[p, r] = dot_q4k(qs[e, r], dlo[e, r], dhi[e, r], mlo[e, r], mhi[e, r],
-                                    xq[t], xd[t], xs[t])
+        res = np.empty(simd.TILE, np.float32)
+        p0, p1 = exp_start[e], exp_start[e + 1]
+        for r in range(b * RB, min(N, b * RB + RB)):
+            for i0 in range(p0, p1, simd.TILE):
+                n = min(simd.TILE, p1 - i0)
+                tile_q6_k(qs[e, r], sc[e, r], d[e, r], x, xd, src, i0, n, res)
+                out[i0:i0 + n, r] = res[:n]
+
+
+@kernel
+def expert_matmul_int_q4_k(x, xd, xs, src, qs, sc, d, mn, dmin, exp_start, tasks, out):
+    """expert_matmul for Q4_K experts on 8-bit activations."""
+    N = qs.shape[1]
+    for i in prange(tasks.shape[0]):
+        e, b = tasks[i, 0], tasks[i, 1]
+        res = np.empty(simd.TILE, np.float32)
+        ml = np.empty(xs.shape[1], np.float32)
+        p0, p1 = exp_start[e], exp_start[e + 1]
+        for r in range(b * RB, min(N, b * RB + RB)):
+            for i0 in range(p0, p1, simd.TILE):
+                n = min(simd.TILE, p1 - i0)
+                tile_q4_k(qs[e, r], sc[e, r], d[e, r], mn[e, r], dmin[e, r], x, xd, xs, src, i0,
+                          n, res, ml)
+                out[i0:i0 + n, r] = res[:n]

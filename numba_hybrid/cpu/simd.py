@@ -1,23 +1,35 @@
-"""Integer dot products on 8-bit activations, written as generic LLVM vector IR.
+"""Integer matmul micro-kernels on 8-bit activations, written as generic LLVM vector IR.
 
 ``precision="fast"`` rounds activations to 8-bit blocks as ggml does (quantize.py); these
-kernels then multiply them with the repacked weights in integers. Plain Numba cannot: it
-types ``int32 * int32`` as int64 and the loop never vectorises. The IR here is portable
-(no target intrinsics): LLVM turns "sign-extend, multiply, add even and odd lanes" into
-``vpmaddwd`` on x86 and the equivalent on other targets.
+kernels multiply them with the weights in integers. Plain Numba cannot: it types
+``int32 * int32`` as int64 and such loops never vectorise. The IR is portable (no target
+intrinsics): LLVM turns "sign-extend 16-bit lanes, multiply, add even and odd lanes" into
+``vpmaddwd`` on x86 and the equivalent elsewhere.
 
-Every function walks one row in steps of 32 weights. Each step forms sixteen exact int32
-pair sums, converts them to float32 and adds ``sum * (weight scale * activation scale)``
-into a 16-lane float32 accumulator with one fused multiply-add per lane; after the row, a
-fixed tree of shuffles sums the 16 lanes. The order of every floating-point operation is
-set here, not by the optimiser, and does not depend on how many tokens a call processes,
-so results are bitwise the same for any batch.
+A kernel call takes one weight row and up to ``TILE`` tokens and writes one float32 per
+token. The row is decoded once per 64 or 32 weights into 16-bit integers, with the integer
+sub-block scales of the K-quants already multiplied in, and reused for every token of the
+tile; per token the work is then one ``vpmaddwd`` and one integer add per 32 weights.
+
+Arithmetic, per token, in this order and the same for any tile size (so a token's result
+does not depend on the batch, bit for bit):
+
+* Q4_K, Q6_K (super-blocks of 256): exact int32 sums over the super-block in 16 lanes,
+  converted to float32 and added into a 16-lane float32 accumulator with one fused
+  multiply-add by ``d * xd`` (the weight's and the activation's super-block scales).
+  Bounds: Q4_K lanes sum 16 products of |nibble * scale| <= 945 and |x| <= 127, Q6_K 16
+  of |q * scale| <= 4096: under 2^24, so the conversion is exact too.
+* Q8_0 (blocks of 32): the block's int32 pair sums, converted and added with one FMA by
+  ``d * xd`` per block.
+* After the row, a fixed tree of shuffles sums the 16 lanes.
 
 Layouts (matmul.py repacks the weights at load, quantize.py the activations per call):
-weights ``w`` int8 [K] with float32 scales per 32 (Q8_0) or per 16 (Q6_K) values, or
-Q4_K nibbles uint8 [K/2] with scales per 32 values (``dlo`` for the low, ``dhi`` for the
-high nibbles of each 32-byte group); activations ``x`` int8 [K] with float32 scales ``xd``
-per 32 values (Q8_K's per-256 scale is repeated eight times).
+activations ``x`` int16 [T, K] and float32 scales ``xd`` [T, K/32] (Q8_K's per-256
+scale repeated for each 32). Weights, per row: Q4_K ``qs`` uint8 [K/2] (byte l of each
+32-byte group: element l of the group's 64 in the low nibble, l + 32 in the high one),
+``sc`` uint8 [K/32] six-bit scales and ``d`` float32 [K/256]; Q6_K ``qs`` int8 [K] (q - 32),
+``sc`` int8 [K/16], ``d`` float32 [K/256]; Q8_0 ``qs`` int8 [K], ``d`` float32 [K/32].
+The caller handles the Q4_K mins.
 """
 
 from __future__ import annotations
@@ -27,6 +39,8 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+TILE = 8                       # tokens per call
+
 F32 = ir.FloatType()
 I8, I16, I32, I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
 V16F = ir.VectorType(F32, 16)
@@ -34,7 +48,6 @@ V16I = ir.VectorType(I32, 16)
 V32B = ir.VectorType(I8, 32)
 V32W = ir.VectorType(I16, 32)
 V32I = ir.VectorType(I32, 32)
-
 
 
 def _consts(ty, values):
@@ -46,35 +59,40 @@ EVEN = _consts(I32, range(0, 32, 2))
 ODD = _consts(I32, range(1, 32, 2))
 
 
+def _c(v):
+    return ir.Constant(I64, v)
+
+
 def _fma(builder, a, b, c):
     fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(V16F, [V16F] * 3),
                                         "llvm.fma.v16f32")
     return builder.call(fn, [a, b, c])
 
 
-def _splat(builder, value):
-    v = builder.insert_element(ir.Constant(V16F, ir.Undefined), value, ir.Constant(I32, 0))
-    return builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(I32, 16), None))
+def _splat(builder, value, vec_ty):
+    v = builder.insert_element(ir.Constant(vec_ty, ir.Undefined), value, ir.Constant(I32, 0))
+    return builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(I32, vec_ty.count), None))
 
 
-def _halves(builder, a, b):
-    """Lanes 0-7 = a, lanes 8-15 = b."""
-    va = builder.insert_element(ir.Constant(V16F, ir.Undefined), a, ir.Constant(I32, 0))
-    vb = builder.insert_element(ir.Constant(V16F, ir.Undefined), b, ir.Constant(I32, 0))
-    return builder.shuffle_vector(va, vb, _consts(I32, [0] * 8 + [16] * 8))
+def _halves16(builder, a, b):
+    """<32 x i16>: lanes 0-15 = a, 16-31 = b."""
+    va = builder.insert_element(ir.Constant(V32W, ir.Undefined), a, ir.Constant(I32, 0))
+    vb = builder.insert_element(ir.Constant(V32W, ir.Undefined), b, ir.Constant(I32, 0))
+    return builder.shuffle_vector(va, vb, _consts(I32, [0] * 16 + [32] * 16))
 
 
-def _load32(builder, base, offset):
+def _load(builder, base, offset, ty):
     ptr = builder.gep(base, [offset])
-    return builder.load(builder.bitcast(ptr, V32B.as_pointer()), align=1)
+    return builder.load(builder.bitcast(ptr, ty.as_pointer()), align=1)
 
 
-def _pair_sums(builder, a, b, a_unsigned):
-    """<32 x i8> a, b -> <16 x i32>: a[2i]*b[2i] + a[2i+1]*b[2i+1] (b signed)."""
-    ext = builder.zext if a_unsigned else builder.sext
-    a32 = builder.sext(ext(a, V32W), V32I)
-    b32 = builder.sext(builder.sext(b, V32W), V32I)
-    p = builder.mul(a32, b32)
+def _scalar(builder, base, offset):
+    return builder.load(builder.gep(base, [offset]))
+
+
+def _madd(builder, a, b):
+    """<32 x i16> a, b -> <16 x i32>: a[2i]*b[2i] + a[2i+1]*b[2i+1] (vpmaddwd)."""
+    p = builder.mul(builder.sext(a, V32I), builder.sext(b, V32I))
     return builder.add(builder.shuffle_vector(p, p, EVEN), builder.shuffle_vector(p, p, ODD))
 
 
@@ -89,80 +107,124 @@ def _reduce(builder, acc):
     return builder.extract_element(acc, ir.Constant(I32, 0))
 
 
-def _data(context, builder, ty, value):
-    return context.make_array(ty)(context, builder, value).data
+class _Args:
+    """Data pointers and shapes of the kernel's array arguments."""
+
+    def __init__(self, context, builder, sig, args):
+        self.context, self.builder = context, builder
+        self.arrays = [context.make_array(t)(context, builder, a) if isinstance(t, types.Array)
+                       else None for t, a in zip(sig.args, args)]
+        self.values = args
+
+    def data(self, i):
+        return self.arrays[i].data
+
+    def dim(self, i, axis):
+        return self.builder.extract_value(self.arrays[i].shape, axis)
 
 
-def _row_loop(builder, n, body):
-    """acc = 0; for i in range(n): acc = body(i, acc); return the lanes' sum."""
-    acc = cgutils.alloca_once_value(builder, ir.Constant(V16F, None))
-    with cgutils.for_range(builder, n) as loop:
-        builder.store(body(loop.index, builder.load(acc)), acc)
-    return _reduce(builder, builder.load(acc))
+def _tile(builder, n, K, x, xd, tok, i0, res, n_outer, outer_step, inner):
+    """The loop nest shared by every type: for each of the row's K / outer_step outer
+    blocks, ``inner(o, xrows)`` returns, per token, the block's float32 term to add
+    (a <16 x float> and its scale); the lanes' sums go to res[0..n)."""
+    xrows, xdrows = [], []
+    for j in range(n):
+        t = builder.load(builder.gep(tok, [builder.add(i0, _c(j))]))
+        xrows.append(builder.gep(x, [builder.mul(t, K)]))
+        xdrows.append(builder.gep(xd, [builder.mul(t, builder.lshr(K, _c(5)))]))
+    accs = [cgutils.alloca_once_value(builder, ir.Constant(V16F, None)) for _ in range(n)]
+    with cgutils.for_range(builder, n_outer) as loop:
+        o = loop.index
+        terms = inner(o, xrows)
+        xo = builder.mul(o, _c(outer_step // 32))
+        for j in range(n):
+            vec, wscale = terms[j]
+            s = builder.fmul(wscale, _scalar(builder, xdrows[j], xo))
+            builder.store(_fma(builder, vec, _splat(builder, s, V16F), builder.load(accs[j])),
+                          accs[j])
+    for j in range(n):
+        builder.store(_reduce(builder, builder.load(accs[j])), builder.gep(res, [_c(j)]))
 
 
-def _dot_i8_codegen(per16: bool):
+def _kernel(kind: str, n: int):
+    """codegen of the n-token kernel for ``kind`` (q4_k, q6_k, q8_0)."""
     def codegen(context, builder, sig, args):
-        w, wd, x, xd = (_data(context, builder, t, a) for t, a in zip(sig.args, args))
-        n = builder.extract_value(context.make_array(sig.args[2])(context, builder,
-                                                                  args[2]).shape, 0)
-        steps = builder.lshr(n, ir.Constant(I64, 5))
+        a = _Args(context, builder, sig, args)
+        if kind == "q8_0":
+            qs, d = a.data(0), a.data(1)
+            ix = 2
+        else:
+            qs, sc, d = a.data(0), a.data(1), a.data(2)
+            ix = 3
+        x, xd, tok, res = a.data(ix), a.data(ix + 1), a.data(ix + 2), a.data(ix + 4)
+        i0 = context.cast(builder, a.values[ix + 3], sig.args[ix + 3], types.int64)
+        K = a.dim(ix, 1)
 
-        def body(i, acc):
-            off = builder.shl(i, ir.Constant(I64, 5))
-            s = builder.sitofp(_pair_sums(builder, _load32(builder, w, off),
-                                          _load32(builder, x, off), False), V16F)
-            xs = builder.load(builder.gep(xd, [i]))
-            if per16:
-                j = builder.shl(i, ir.Constant(I64, 1))
-                d0 = builder.load(builder.gep(wd, [j]))
-                d1 = builder.load(builder.gep(wd, [builder.add(j, ir.Constant(I64, 1))]))
-                scale = builder.fmul(_halves(builder, d0, d1), _splat(builder, xs))
-            else:
-                scale = _splat(builder, builder.fmul(builder.load(builder.gep(wd, [i])), xs))
-            return _fma(builder, s, scale, acc)
+        def q4_k(sb, xrows):
+            iaccs = [ir.Constant(V16I, None)] * n
+            low, four = ir.Constant(V32B, [15] * 32), ir.Constant(V32B, [4] * 32)
+            for g in range(4):
+                grp = builder.add(builder.mul(sb, _c(4)), _c(g))
+                q = _load(builder, qs, builder.mul(grp, _c(32)), V32B)
+                ws = []
+                for half, nib in enumerate((builder.and_(q, low), builder.lshr(q, four))):
+                    s = builder.zext(_scalar(builder, sc, builder.add(builder.mul(grp, _c(2)),
+                                                                      _c(half))), I16)
+                    ws.append(builder.mul(builder.zext(nib, V32W), _splat(builder, s, V32W)))
+                for j in range(n):
+                    xo = builder.mul(grp, _c(64))
+                    xl = _load(builder, xrows[j], xo, V32W)
+                    xh = _load(builder, xrows[j], builder.add(xo, _c(32)), V32W)
+                    iaccs[j] = builder.add(iaccs[j], builder.add(_madd(builder, ws[0], xl),
+                                                                 _madd(builder, ws[1], xh)))
+            dv = _scalar(builder, d, sb)
+            return [(builder.sitofp(v, V16F), dv) for v in iaccs]
 
-        return _row_loop(builder, steps, body)
+        def q6_k(sb, xrows):
+            iaccs = [ir.Constant(V16I, None)] * n
+            for h in range(8):
+                step = builder.add(builder.mul(sb, _c(8)), _c(h))
+                q = builder.sext(_load(builder, qs, builder.mul(step, _c(32)), V32B), V32W)
+                s0 = builder.sext(_scalar(builder, sc, builder.mul(step, _c(2))), I16)
+                s1 = builder.sext(_scalar(builder, sc, builder.add(builder.mul(step, _c(2)),
+                                                                   _c(1))), I16)
+                w = builder.mul(q, _halves16(builder, s0, s1))
+                for j in range(n):
+                    xv = _load(builder, xrows[j], builder.mul(step, _c(32)), V32W)
+                    iaccs[j] = builder.add(iaccs[j], _madd(builder, w, xv))
+            dv = _scalar(builder, d, sb)
+            return [(builder.sitofp(v, V16F), dv) for v in iaccs]
+
+        def q8_0(b, xrows):
+            w = builder.sext(_load(builder, qs, builder.mul(b, _c(32)), V32B), V32W)
+            dv = _scalar(builder, d, b)
+            return [(builder.sitofp(_madd(builder, w, _load(builder, xrows[j],
+                                                            builder.mul(b, _c(32)), V32W)),
+                                    V16F), dv) for j in range(n)]
+
+        inner, step = {"q4_k": (q4_k, 256), "q6_k": (q6_k, 256), "q8_0": (q8_0, 32)}[kind]
+        _tile(builder, n, K, x, xd, tok, i0, res, builder.udiv(K, _c(step)), step, inner)
+        return context.get_dummy_value()
     return codegen
 
 
-@intrinsic
-def dot_q8_0(typingctx, w, wd, x, xd):
-    """Q8_0 row (int8 [K], scales per 32) . Q8 activations -> float32."""
-    return types.float32(w, wd, x, xd), _dot_i8_codegen(False)
+def _q8_0(n):
+    @intrinsic
+    def kernel(typingctx, qs, d, x, xd, tok, i0, res):
+        return types.none(qs, d, x, xd, tok, i0, res), _kernel("q8_0", n)
+    return kernel
 
 
-@intrinsic
-def dot_q6_k(typingctx, w, wd, x, xd):
-    """Q6_K row repacked (int8 q - 32 [K], scales per 16) . Q8 activations -> float32."""
-    return types.float32(w, wd, x, xd), _dot_i8_codegen(True)
+def _kquant(kind, n):
+    @intrinsic
+    def kernel(typingctx, qs, sc, d, x, xd, tok, i0, res):
+        return types.none(qs, sc, d, x, xd, tok, i0, res), _kernel(kind, n)
+    return kernel
 
 
-@intrinsic
-def dot_q4_k(typingctx, w, dlo, dhi, x, xd):
-    """Q4_K row repacked (nibbles uint8 [K/2], dlo/dhi per 64) . Q8 activations, without
-    the mins (the caller subtracts them) -> float32."""
-    def codegen(context, builder, sig, args):
-        w_, dlo_, dhi_, x_, xd_ = (_data(context, builder, t, a) for t, a in zip(sig.args, args))
-        nbytes = builder.extract_value(context.make_array(sig.args[0])(context, builder,
-                                                                       args[0]).shape, 0)
-        groups = builder.lshr(nbytes, ir.Constant(I64, 5))
-        low = ir.Constant(V32B, [15] * 32)
-        four = ir.Constant(V32B, [4] * 32)
-
-        def body(g, acc):
-            q = _load32(builder, w_, builder.shl(g, ir.Constant(I64, 5)))
-            xo = builder.shl(g, ir.Constant(I64, 6))
-            xl = _load32(builder, x_, xo)
-            xh = _load32(builder, x_, builder.add(xo, ir.Constant(I64, 32)))
-            sl = builder.sitofp(_pair_sums(builder, builder.and_(q, low), xl, True), V16F)
-            sh = builder.sitofp(_pair_sums(builder, builder.lshr(q, four), xh, True), V16F)
-            c = builder.shl(g, ir.Constant(I64, 1))
-            xdl = builder.load(builder.gep(xd_, [c]))
-            xdh = builder.load(builder.gep(xd_, [builder.add(c, ir.Constant(I64, 1))]))
-            al = builder.fmul(builder.load(builder.gep(dlo_, [g])), xdl)
-            ah = builder.fmul(builder.load(builder.gep(dhi_, [g])), xdh)
-            return _fma(builder, sh, _splat(builder, ah), _fma(builder, sl, _splat(builder, al), acc))
-
-        return _row_loop(builder, groups, body)
-    return types.float32(w, dlo, dhi, x, xd), codegen
+# One kernel per type and token count: row . x[tok[i0 + j]] -> res[j], j < n.
+Q8_0_1, Q8_0_2, Q8_0_3, Q8_0_4, Q8_0_5, Q8_0_6, Q8_0_7, Q8_0_8 = (_q8_0(n) for n in range(1, 9))
+Q6_K_1, Q6_K_2, Q6_K_3, Q6_K_4, Q6_K_5, Q6_K_6, Q6_K_7, Q6_K_8 = (_kquant("q6_k", n)
+                                                                  for n in range(1, 9))
+Q4_K_1, Q4_K_2, Q4_K_3, Q4_K_4, Q4_K_5, Q4_K_6, Q4_K_7, Q4_K_8 = (_kquant("q4_k", n)
+                                                                  for n in range(1, 9))
