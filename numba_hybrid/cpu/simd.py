@@ -20,7 +20,8 @@ does not depend on the batch, bit for bit):
   Bounds: Q4_K lanes sum 16 products of |nibble * scale| <= 945 and |x| <= 127, Q6_K 16
   of |q * scale| <= 4096: under 2^24, so the conversion is exact too.
 * Q8_0 (blocks of 32): the block's int32 pair sums, converted and added with one FMA by
-  ``d * xd`` per block.
+  ``d * xd`` per block, even blocks into one accumulator and odd blocks into another (two
+  independent chains), which are added at the end.
 * After the row, a fixed tree of shuffles sums the 16 lanes.
 
 Layouts (matmul.py repacks the weights at load, quantize.py the activations per call):
@@ -123,27 +124,40 @@ class _Args:
         return self.builder.extract_value(self.arrays[i].shape, axis)
 
 
-def _tile(builder, n, K, x, xd, tok, i0, res, n_outer, outer_step, inner):
+def _tile(builder, n, K, x, xd, tok, i0, res, n_outer, outer_step, inner, n_acc):
     """The loop nest shared by every type: for each of the row's K / outer_step outer
     blocks, ``inner(o, xrows)`` returns, per token, the block's float32 term to add
-    (a <16 x float> and its scale); the lanes' sums go to res[0..n)."""
+    (a <16 x float> and its scale). Block o goes to accumulator o % n_acc (independent
+    FMA chains, so one token is not bound by FMA latency); at the end the accumulators
+    are added in order and their lanes summed into res[0..n)."""
     xrows, xdrows = [], []
     for j in range(n):
         t = builder.load(builder.gep(tok, [builder.add(i0, _c(j))]))
         xrows.append(builder.gep(x, [builder.mul(t, K)]))
         xdrows.append(builder.gep(xd, [builder.mul(t, builder.lshr(K, _c(5)))]))
-    accs = [cgutils.alloca_once_value(builder, ir.Constant(V16F, None)) for _ in range(n)]
-    with cgutils.for_range(builder, n_outer) as loop:
-        o = loop.index
+    accs = [[cgutils.alloca_once_value(builder, ir.Constant(V16F, None)) for _ in range(n_acc)]
+            for _ in range(n)]
+
+    def step(o, a):
         terms = inner(o, xrows)
         xo = builder.mul(o, _c(outer_step // 32))
         for j in range(n):
             vec, wscale = terms[j]
             s = builder.fmul(wscale, _scalar(builder, xdrows[j], xo))
-            builder.store(_fma(builder, vec, _splat(builder, s, V16F), builder.load(accs[j])),
-                          accs[j])
+            builder.store(_fma(builder, vec, _splat(builder, s, V16F),
+                               builder.load(accs[j][a])), accs[j][a])
+
+    with cgutils.for_range(builder, builder.udiv(n_outer, _c(n_acc))) as loop:
+        for a in range(n_acc):
+            step(builder.add(builder.mul(loop.index, _c(n_acc)), _c(a)), a)
+    done = builder.mul(builder.udiv(n_outer, _c(n_acc)), _c(n_acc))
+    with cgutils.for_range(builder, builder.sub(n_outer, done)) as loop:   # the tail
+        step(builder.add(done, loop.index), 0)
     for j in range(n):
-        builder.store(_reduce(builder, builder.load(accs[j])), builder.gep(res, [_c(j)]))
+        total = builder.load(accs[j][0])
+        for a in range(1, n_acc):
+            total = builder.fadd(total, builder.load(accs[j][a]))
+        builder.store(_reduce(builder, total), builder.gep(res, [_c(j)]))
 
 
 def _kernel(kind: str, n: int):
@@ -160,8 +174,24 @@ def _kernel(kind: str, n: int):
         i0 = context.cast(builder, a.values[ix + 3], sig.args[ix + 3], types.int64)
         K = a.dim(ix, 1)
 
+        # K-quant super-blocks: each token's integer sums run in `chains` independent
+        # chains (fewer tokens, more chains, so one token is not bound by the latency of
+        # the multiply-adds), converted and added in float32. Every partial sum is below
+        # 2^24, so the conversions and adds are exact and the result is the same for any
+        # number of chains; the adds are float so that LLVM keeps the chains apart.
+        chains = 4 if n <= 2 else (2 if n <= 4 else 1)
+
+        def _combine(iaccs, dv):
+            out = []
+            for j in range(n):
+                f = builder.sitofp(iaccs[chains * j], V16F)
+                for c in range(1, chains):
+                    f = builder.fadd(f, builder.sitofp(iaccs[chains * j + c], V16F))
+                out.append((f, dv))
+            return out
+
         def q4_k(sb, xrows):
-            iaccs = [ir.Constant(V16I, None)] * n
+            iaccs = [ir.Constant(V16I, None)] * (chains * n)
             low, four = ir.Constant(V32B, [15] * 32), ir.Constant(V32B, [4] * 32)
             for g in range(4):
                 grp = builder.add(builder.mul(sb, _c(4)), _c(g))
@@ -175,13 +205,13 @@ def _kernel(kind: str, n: int):
                     xo = builder.mul(grp, _c(64))
                     xl = _load(builder, xrows[j], xo, V32W)
                     xh = _load(builder, xrows[j], builder.add(xo, _c(32)), V32W)
-                    iaccs[j] = builder.add(iaccs[j], builder.add(_madd(builder, ws[0], xl),
+                    a = chains * j + g % chains
+                    iaccs[a] = builder.add(iaccs[a], builder.add(_madd(builder, ws[0], xl),
                                                                  _madd(builder, ws[1], xh)))
-            dv = _scalar(builder, d, sb)
-            return [(builder.sitofp(v, V16F), dv) for v in iaccs]
+            return _combine(iaccs, _scalar(builder, d, sb))
 
         def q6_k(sb, xrows):
-            iaccs = [ir.Constant(V16I, None)] * n
+            iaccs = [ir.Constant(V16I, None)] * (chains * n)
             for h in range(8):
                 step = builder.add(builder.mul(sb, _c(8)), _c(h))
                 q = builder.sext(_load(builder, qs, builder.mul(step, _c(32)), V32B), V32W)
@@ -191,9 +221,9 @@ def _kernel(kind: str, n: int):
                 w = builder.mul(q, _halves16(builder, s0, s1))
                 for j in range(n):
                     xv = _load(builder, xrows[j], builder.mul(step, _c(32)), V32W)
-                    iaccs[j] = builder.add(iaccs[j], _madd(builder, w, xv))
-            dv = _scalar(builder, d, sb)
-            return [(builder.sitofp(v, V16F), dv) for v in iaccs]
+                    a = chains * j + h % chains
+                    iaccs[a] = builder.add(iaccs[a], _madd(builder, w, xv))
+            return _combine(iaccs, _scalar(builder, d, sb))
 
         def q8_0(b, xrows):
             w = builder.sext(_load(builder, qs, builder.mul(b, _c(32)), V32B), V32W)
@@ -202,8 +232,9 @@ def _kernel(kind: str, n: int):
                                                             builder.mul(b, _c(32)), V32W)),
                                     V16F), dv) for j in range(n)]
 
-        inner, step = {"q4_k": (q4_k, 256), "q6_k": (q6_k, 256), "q8_0": (q8_0, 32)}[kind]
-        _tile(builder, n, K, x, xd, tok, i0, res, builder.udiv(K, _c(step)), step, inner)
+        inner, step, n_acc = {"q4_k": (q4_k, 256, 1), "q6_k": (q6_k, 256, 1),
+                              "q8_0": (q8_0, 32, 2)}[kind]
+        _tile(builder, n, K, x, xd, tok, i0, res, builder.udiv(K, _c(step)), step, inner, n_acc)
         return context.get_dummy_value()
     return codegen
 
