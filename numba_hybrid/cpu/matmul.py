@@ -264,9 +264,8 @@ def matmul_q4(xl, xh, sl, sh, qs, dlo, dhi, mlo, mhi, shift, out):
 
 
 def repack_int_q8_0(raw: np.ndarray):
-    """Raw Q8_0 rows -> (qs int8 [..., N, K], d [..., N, K/32]), 1.125 bytes per weight."""
-    qs, d, _ = repack_q8_0(raw)
-    return qs, d
+    """Q8_0 needs no repacking: the kernel reads the file's blocks in place (no copy)."""
+    return (raw,)
 
 
 def repack_int_q6_k(raw: np.ndarray):
@@ -298,23 +297,23 @@ def repack_int_q4_k(raw: np.ndarray):
 
 
 @helper
-def tile_q8_0(qs, d, x, xd, tok, i0, n, res):
+def tile_q8_0(raw, x, xd, tok, i0, n, res):
     if n == 8:
-        simd.Q8_0_8(qs, d, x, xd, tok, i0, res)
+        simd.Q8_0_8(raw, x, xd, tok, i0, res)
     elif n == 7:
-        simd.Q8_0_7(qs, d, x, xd, tok, i0, res)
+        simd.Q8_0_7(raw, x, xd, tok, i0, res)
     elif n == 6:
-        simd.Q8_0_6(qs, d, x, xd, tok, i0, res)
+        simd.Q8_0_6(raw, x, xd, tok, i0, res)
     elif n == 5:
-        simd.Q8_0_5(qs, d, x, xd, tok, i0, res)
+        simd.Q8_0_5(raw, x, xd, tok, i0, res)
     elif n == 4:
-        simd.Q8_0_4(qs, d, x, xd, tok, i0, res)
+        simd.Q8_0_4(raw, x, xd, tok, i0, res)
     elif n == 3:
-        simd.Q8_0_3(qs, d, x, xd, tok, i0, res)
+        simd.Q8_0_3(raw, x, xd, tok, i0, res)
     elif n == 2:
-        simd.Q8_0_2(qs, d, x, xd, tok, i0, res)
+        simd.Q8_0_2(raw, x, xd, tok, i0, res)
     else:
-        simd.Q8_0_1(qs, d, x, xd, tok, i0, res)
+        simd.Q8_0_1(raw, x, xd, tok, i0, res)
 
 
 @helper
@@ -370,9 +369,9 @@ def tile_q4_k(qs, sc, d, mn, dmin, x, xd, xs, tok, i0, n, res, ml):
 # the same: row blocks over threads, tokens in blocks of TB, then tiles of simd.TILE.
 
 @kernel
-def matmul_int_q8_0(x, xd, qs, d, out):
-    """8-bit activations (quantize_activations) times Q8_0 (repack_int_q8_0) -> out [T, N]."""
-    T, N = x.shape[0], qs.shape[0]
+def matmul_int_q8_0(x, xd, raw, out):
+    """8-bit activations (quantize_activations) times Q8_0 rows as in the file -> out [T, N]."""
+    T, N = x.shape[0], raw.shape[0]
     tok = np.arange(T)
     for b in prange((N + RB - 1) // RB):
         res = np.empty(simd.TILE, np.float32)
@@ -381,7 +380,7 @@ def matmul_int_q8_0(x, xd, qs, d, out):
             for r in range(b * RB, min(N, b * RB + RB)):
                 for i0 in range(t0, t1, simd.TILE):
                     n = min(simd.TILE, t1 - i0)
-                    tile_q8_0(qs[r], d[r], x, xd, tok, i0, n, res)
+                    tile_q8_0(raw[r], x, xd, tok, i0, n, res)
                     out[i0:i0 + n, r] = res[:n]
 
 

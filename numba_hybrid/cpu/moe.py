@@ -153,9 +153,9 @@ def expert_matmul_q4(xl, xh, sl, sh, src, qs, dlo, dhi, mlo, mhi, shift, exp_sta
 # matmul.repack_int_*; the pairs of an expert are its tokens, in tiles of simd.TILE.
 
 @kernel
-def expert_matmul_int_q8_0(x, xd, src, qs, d, exp_start, tasks, out):
-    """expert_matmul for Q8_0 experts on 8-bit activations."""
-    N = qs.shape[1]
+def expert_matmul_int_q8_0(x, xd, src, raw, exp_start, tasks, out):
+    """expert_matmul for Q8_0 experts (rows as in the file) on 8-bit activations."""
+    N = raw.shape[1]
     for i in prange(tasks.shape[0]):
         e, b = tasks[i, 0], tasks[i, 1]
         res = np.empty(simd.TILE, np.float32)
@@ -163,7 +163,7 @@ def expert_matmul_int_q8_0(x, xd, src, qs, d, exp_start, tasks, out):
         for r in range(b * RB, min(N, b * RB + RB)):
             for i0 in range(p0, p1, simd.TILE):
                 n = min(simd.TILE, p1 - i0)
-                tile_q8_0(qs[e, r], d[e, r], x, xd, src, i0, n, res)
+                tile_q8_0(raw[e, r], x, xd, src, i0, n, res)
                 out[i0:i0 + n, r] = res[:n]
 
 

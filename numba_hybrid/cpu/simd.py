@@ -29,7 +29,8 @@ activations ``x`` int16 [T, K] and float32 scales ``xd`` [T, K/32] (Q8_K's per-2
 scale repeated for each 32). Weights, per row: Q4_K ``qs`` uint8 [K/2] (byte l of each
 32-byte group: element l of the group's 64 in the low nibble, l + 32 in the high one),
 ``sc`` uint8 [K/32] six-bit scales and ``d`` float32 [K/256]; Q6_K ``qs`` int8 [K] (q - 32),
-``sc`` int8 [K/16], ``d`` float32 [K/256]; Q8_0 ``qs`` int8 [K], ``d`` float32 [K/32].
+``sc`` int8 [K/16], ``d`` float32 [K/256]; Q8_0 the file's rows as they are (uint8, blocks
+of an f16 scale and 32 int8 values), read in place from the memory map.
 The caller handles the Q4_K mins.
 """
 
@@ -165,8 +166,8 @@ def _kernel(kind: str, n: int):
     def codegen(context, builder, sig, args):
         a = _Args(context, builder, sig, args)
         if kind == "q8_0":
-            qs, d = a.data(0), a.data(1)
-            ix = 2
+            qs = a.data(0)
+            ix = 1
         else:
             qs, sc, d = a.data(0), a.data(1), a.data(2)
             ix = 3
@@ -226,8 +227,12 @@ def _kernel(kind: str, n: int):
             return _combine(iaccs, _scalar(builder, d, sb))
 
         def q8_0(b, xrows):
-            w = builder.sext(_load(builder, qs, builder.mul(b, _c(32)), V32B), V32W)
-            dv = _scalar(builder, d, b)
+            # The file's 34-byte blocks in place: an f16 scale, then 32 int8 values.
+            blk = builder.mul(b, _c(34))
+            w = builder.sext(_load(builder, qs, builder.add(blk, _c(2)), V32B), V32W)
+            half = builder.load(builder.bitcast(builder.gep(qs, [blk]), ir.HalfType().as_pointer()),
+                                align=1)
+            dv = builder.fpext(half, F32)
             return [(builder.sitofp(_madd(builder, w, _load(builder, xrows[j],
                                                             builder.mul(b, _c(32)), V32W)),
                                     V16F), dv) for j in range(n)]
@@ -241,8 +246,8 @@ def _kernel(kind: str, n: int):
 
 def _q8_0(n):
     @intrinsic
-    def kernel(typingctx, qs, d, x, xd, tok, i0, res):
-        return types.none(qs, d, x, xd, tok, i0, res), _kernel("q8_0", n)
+    def kernel(typingctx, raw, x, xd, tok, i0, res):
+        return types.none(raw, x, xd, tok, i0, res), _kernel("q8_0", n)
     return kernel
 
 
