@@ -111,6 +111,7 @@ def token_ids(n_vocab: int) -> np.ndarray:
 
 def worker_ours(path: str, threads: int, precision: str, rep: int) -> dict:
     import numba_hybrid as nh
+    import numba_hybrid.cpu.forward  # noqa: F401  (libraries imported before the clock, as the peer's)
 
     def load(n_slots):
         return nh.load(path, device="cpu", n_slots=n_slots, n_ctx=N_CTX, threads=threads,

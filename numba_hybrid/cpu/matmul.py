@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 from gguf import GGMLQuantizationType as QT
 
-from .dequant import dequant_row
+from .dequant import F16_TABLE, dequant_row
 from .jit import helper, kernel, prange
 from . import simd
 
@@ -268,32 +268,73 @@ def repack_int_q8_0(raw: np.ndarray):
     return (raw,)
 
 
+@kernel
+def _unpack_q6_k(blocks, q, sc, d):
+    """Q6_K blocks uint8 [nb, 210] -> q - 32 int8 [nb, 256] in element order, the int8
+    sub-block scales [nb, 16] and d [nb]."""
+    for b in prange(blocks.shape[0]):
+        blk = blocks[b]
+        for half in range(2):
+            ql = 64 * half
+            qh = 128 + 32 * half
+            o = 128 * half
+            for l in range(32):
+                h = np.int32(blk[qh + l])
+                lo, hi = np.int32(blk[ql + l]), np.int32(blk[ql + l + 32])
+                q[b, o + l] = ((lo & 15) | ((h & 3) << 4)) - 32
+                q[b, o + l + 32] = ((hi & 15) | (((h >> 2) & 3) << 4)) - 32
+                q[b, o + l + 64] = ((lo >> 4) | (((h >> 4) & 3) << 4)) - 32
+                q[b, o + l + 96] = ((hi >> 4) | (((h >> 6) & 3) << 4)) - 32
+        for j in range(16):
+            v = np.int32(blk[192 + j])
+            sc[b, j] = v - 256 if v > 127 else v
+        d[b] = F16_TABLE[np.int64(blk[208]) | (np.int64(blk[209]) << 8)]
+
+
+@kernel
+def _unpack_q4_k(blocks, qs, sc, mn, d, dmin):
+    """Q4_K blocks uint8 [nb, 144] -> nibbles [nb, 128], six-bit scales and mins [nb, 8],
+    d and dmin [nb]."""
+    for b in prange(blocks.shape[0]):
+        blk = blocks[b]
+        d[b] = F16_TABLE[np.int64(blk[0]) | (np.int64(blk[1]) << 8)]
+        dmin[b] = F16_TABLE[np.int64(blk[2]) | (np.int64(blk[3]) << 8)]
+        for j in range(4):
+            lo, mid, hi = blk[4 + j], blk[8 + j], blk[12 + j]
+            sc[b, j] = lo & 63
+            mn[b, j] = mid & 63
+            sc[b, j + 4] = (hi & 15) | ((lo >> 6) << 4)
+            mn[b, j + 4] = (hi >> 4) | ((mid >> 6) << 4)
+        for i in range(128):
+            qs[b, i] = blk[16 + i]
+
+
 def repack_int_q6_k(raw: np.ndarray):
     """Raw Q6_K rows -> (qs int8 q - 32 [..., N, K], sc int8 [..., N, K/16], d f32
     [..., N, K/256]), 1.08 bytes per weight (file: 0.82)."""
     lead = raw.shape[:-1]
     blocks = raw.reshape(-1, 210)
-    q, _, _ = repack_q6_k(raw)
-    sc = np.ascontiguousarray(blocks[:, 192:208]).view(np.int8)
-    d = blocks[:, 208:210].copy().view(np.float16).astype(np.float32)
-    return q, sc.reshape(lead + (-1,)), d.reshape(lead + (-1,))
+    nb = blocks.shape[0]
+    q, sc, d = np.empty((nb, 256), np.int8), np.empty((nb, 16), np.int8), np.empty(nb, np.float32)
+    _unpack_q6_k(blocks, q, sc, d)
+    shape = lead + (-1,)
+    return q.reshape(shape), sc.reshape(shape), d.reshape(shape)
 
 
 def repack_int_q4_k(raw: np.ndarray):
     """Raw Q4_K rows -> (qs uint8 [..., N, K/2], sc uint8 [..., N, K/32], d f32
     [..., N, K/256], mn uint8 [..., N, K/32], dmin f32 [..., N, K/256]): the file's
     nibbles and six-bit scales and mins unpacked, 0.59 bytes per weight (file: 0.5625)."""
-    from ..quants import _k_scale_min
-
     lead = raw.shape[:-1]
-    shape = lead + (-1,)
     blocks = raw.reshape(-1, 144)
-    sc, mn = _k_scale_min(blocks[:, 4:16])
-    d = blocks[:, 0:2].copy().view(np.float16).astype(np.float32)
-    dmin = blocks[:, 2:4].copy().view(np.float16).astype(np.float32)
-    return (np.ascontiguousarray(blocks[:, 16:]).reshape(shape),
-            sc.astype(np.uint8).reshape(shape), d.reshape(shape),
-            mn.astype(np.uint8).reshape(shape), dmin.reshape(shape))
+    nb = blocks.shape[0]
+    qs = np.empty((nb, 128), np.uint8)
+    sc, mn = np.empty((nb, 8), np.uint8), np.empty((nb, 8), np.uint8)
+    d, dmin = np.empty(nb, np.float32), np.empty(nb, np.float32)
+    _unpack_q4_k(blocks, qs, sc, mn, d, dmin)
+    shape = lead + (-1,)
+    return (qs.reshape(shape), sc.reshape(shape), d.reshape(shape), mn.reshape(shape),
+            dmin.reshape(shape))
 
 
 @helper
