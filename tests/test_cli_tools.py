@@ -24,6 +24,7 @@ from oracle import DATA, gguf_path
 ROOT = Path(__file__).resolve().parent.parent
 Q8 = gguf_path("qwen35-tiny", "q8_0")
 ERROR_PREFIX = "numba-hybrid: error: "
+COMPILE_NOTICE = ("numba-hybrid: compiling the CPU kernels", "numba-hybrid: compiled in")
 
 
 def _env() -> dict:
@@ -42,7 +43,7 @@ def run_cli(*argv, check_rc: int | None = 0) -> subprocess.CompletedProcess:
 def error_line(*argv) -> str:
     """Run a command that must fail on bad input; its one error line."""
     proc = run_cli(*argv, check_rc=2)
-    lines = proc.stderr.splitlines()
+    lines = [ln for ln in proc.stderr.splitlines() if not ln.startswith(COMPILE_NOTICE)]
     assert len(lines) == 1 and lines[0].startswith(ERROR_PREFIX), proc.stderr
     assert "Traceback" not in proc.stderr
     return lines[0][len(ERROR_PREFIX):]
@@ -318,3 +319,21 @@ def test_bench_errors():
     assert "not a comma-separated list" in run_cli("bench", "-m", Q8, "-np", "two",
                                                    check_rc=2).stderr
     assert "missing.gguf" in error_line("bench", "-m", "missing.gguf")
+
+
+# ---- the first run's compile notice -------------------------------------------------------
+
+def test_first_run_announces_the_one_time_compilation(monkeypatch, capsys, tmp_path):
+    """Without the stamp of a compiled cache the command line says it is compiling, once,
+    and how long it took; with it (the next run) it says nothing."""
+    from numba_hybrid.cpu import warmup
+
+    stamp = tmp_path / "cache" / "compiled"
+    monkeypatch.setattr(warmup, "_stamp", lambda precision: stamp)
+    assert cli.main(["run", "-m", str(Q8), "-p", "hello", "-n", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "compiling the CPU kernels for this machine. This happens once" in err
+    assert re.search(r"compiled in \d+ s", err), err
+    assert stamp.exists() and warmup.is_compiled("fast")
+    assert cli.main(["run", "-m", str(Q8), "-p", "hello", "-n", "2"]) == 0
+    assert "compil" not in capsys.readouterr().err

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -210,8 +211,19 @@ def _load(args: argparse.Namespace, n_slots: int, n_ctx: int):
     _check_threads(args.threads)
     path = _model_path(args)
     with naming_file(path):
-        return load(path, device=args.device, n_slots=n_slots, n_ctx=n_ctx,
-                    precision=args.precision, threads=args.threads)
+        model = load(path, device=args.device, n_slots=n_slots, n_ctx=n_ctx,
+                     precision=args.precision, threads=args.threads)
+    if args.device == "cpu":
+        from ..cpu import warmup
+
+        if not warmup.is_compiled(model.precision):
+            print("numba-hybrid: compiling the CPU kernels for this machine. This happens "
+                  "once: they are cached for later runs.", file=sys.stderr, flush=True)
+            t = time.perf_counter()
+            warmup.warm_up(model)
+            print(f"numba-hybrid: compiled in {time.perf_counter() - t:.0f} s.",
+                  file=sys.stderr, flush=True)
+    return model
 
 
 def _read_text(path: str, what: str = "text file") -> str:
