@@ -226,7 +226,8 @@ def test_causal_conv(T):
     ref_state = state.astype(np.float64)
     ref = ops.causal_conv(x.astype(np.float64), w, ref_state, plan)
     out = poisoned((T, C))
-    conv_k.causal_conv(x, w, state, plan.run_start, plan.run_len, plan.run_slot, out)
+    conv_k.causal_conv(x, np.ascontiguousarray(w.T), state, plan.run_start, plan.run_len,
+                       plan.run_slot, out)
     assert_close("conv", ref, out)
     assert_close("conv_state", ref_state, state)
 

@@ -12,6 +12,7 @@ import numpy as np
 
 from .jit import helper, kernel, prange
 from .norm import _inv_rms
+from .simd import exp32
 
 
 @helper
@@ -64,7 +65,7 @@ def attention(qg, kx, vx, q_norm, k_norm, eps, inv_freq, k_cache, v_cache, posit
         base = h * 2 * hd
         _norm_rope(qg[t, base:base + hd], q_norm, eps, cos, sin, q)
         scores = np.empty(p + 1, np.float32)
-        m = -np.inf
+        m = np.float32(-np.inf)
         for j in range(p + 1):
             kj = k_cache[slot, j, g]
             s = np.float32(0.0)
@@ -76,11 +77,11 @@ def attention(qg, kx, vx, q_norm, k_norm, eps, inv_freq, k_cache, v_cache, posit
         total = np.float32(0.0)
         acc = np.zeros(hd, np.float32)
         for j in range(p + 1):
-            e = np.exp(scores[j] - m)
+            e = exp32(scores[j] - m)
             total += e
             vj = v_cache[slot, j, g]
             for d in range(hd):
                 acc[d] += e * vj[d]
         for d in range(hd):
             gate = qg[t, base + hd + d]
-            out[t, h * hd + d] = acc[d] / total / (np.float32(1.0) + np.exp(-gate))
+            out[t, h * hd + d] = acc[d] / total / (np.float32(1.0) + exp32(-gate))

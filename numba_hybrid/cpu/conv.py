@@ -10,28 +10,33 @@ from __future__ import annotations
 import numpy as np
 
 from .jit import kernel, prange
+from .simd import exp32
 
 CB = 256
 
 
 @kernel
 def causal_conv(x, w, conv_state, run_start, run_len, run_slot, out):
-    """x, out [T, C] (grouped order); w [C, Kc]; conv_state [S, Kc-1, C]."""
-    C, kc = w.shape
+    """x, out [T, C] (grouped order); w [Kc, C] (the file's [C, Kc] transposed, so that
+    the loops over channels are contiguous); conv_state [S, Kc-1, C]."""
+    kc, C = w.shape
     nb = (C + CB - 1) // CB
     for task in prange(run_start.size * nb):
         r, b = task // nb, task % nb
         t0, n, slot = run_start[r], run_len[r], run_slot[r]
         c0, c1 = b * CB, min(C, b * CB + CB)
         st = conv_state[slot]
+        y = np.empty(c1 - c0, np.float32)
         for t in range(n):
-            for c in range(c0, c1):
-                y = np.float32(0.0)
-                for j in range(kc):
-                    u = t + j                      # index into [window | run inputs]
-                    v = st[u, c] if u < kc - 1 else x[t0 + u - (kc - 1), c]
-                    y += w[c, j] * v
-                out[t0 + t, c] = y / (np.float32(1.0) + np.exp(-y))
+            y[:] = 0.0
+            for j in range(kc):
+                u = t + j                          # index into [window | run inputs]
+                src = st[u, c0:c1] if u < kc - 1 else x[t0 + u - (kc - 1), c0:c1]
+                wj = w[j, c0:c1]
+                for c in range(c1 - c0):
+                    y[c] += wj[c] * src[c]
+            for c in range(c1 - c0):
+                out[t0 + t, c0 + c] = y[c] / (np.float32(1.0) + exp32(-y[c]))
         # New window: the last Kc-1 entries of [window | inputs]; ascending i only reads
         # window rows not yet overwritten.
         for i in range(kc - 1):

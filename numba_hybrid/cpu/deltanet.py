@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from .jit import helper, kernel, prange
+from .simd import exp32
 
 
 @kernel
@@ -18,7 +19,7 @@ def gates(b, a, dt_bias, ssm_a, beta, g):
     """beta = sigmoid(b); g = softplus(a + dt_bias) * ssm_a.   b, a, beta, g [T, Hv]."""
     for t in prange(b.shape[0]):
         for h in range(b.shape[1]):
-            beta[t, h] = np.float32(1.0) / (np.float32(1.0) + np.exp(-b[t, h]))
+            beta[t, h] = np.float32(1.0) / (np.float32(1.0) + exp32(-b[t, h]))
             z = a[t, h] + dt_bias[h]
             sp = z if z > 20.0 else np.log1p(np.exp(z))
             g[t, h] = sp * ssm_a[h]

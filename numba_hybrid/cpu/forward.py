@@ -187,7 +187,7 @@ class CpuBackend:
             if is_matrix:
                 out[name] = qweight(t, fast=fast)
             elif name == "ssm_conv1d":
-                out[name] = np.ascontiguousarray(np.asarray(t.data, np.float32))  # [C, Kc]
+                out[name] = np.ascontiguousarray(np.asarray(t.data, np.float32).T)  # [Kc, C]
             else:
                 out[name] = vector(t)
         return out

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import simd
 from .dequant import dequant_row
 from .jit import kernel, prange
-from . import simd
 from .matmul import RB, dot, dot_i8, dot_q4, tile_q4_k, tile_q6_k, tile_q8_0
+from .simd import exp32
 
 
 @kernel
@@ -28,7 +29,7 @@ def route(logits, k, experts, weights):
         p = np.empty(E, np.float32)
         s = np.float32(0.0)
         for e in range(E):
-            p[e] = np.exp(logits[t, e] - m)
+            p[e] = exp32(logits[t, e] - m)
         for e in range(E):
             s += p[e]
         for e in range(E):
@@ -88,7 +89,7 @@ def shared_gate(x, w, y, out):
         s = np.float32(0.0)
         for i in range(x.shape[1]):
             s += w[i] * x[t, i]
-        gt = np.float32(1.0) / (np.float32(1.0) + np.exp(-s))
+        gt = np.float32(1.0) / (np.float32(1.0) + exp32(-s))
         for i in range(out.shape[1]):
             out[t, i] += gt * y[t, i]
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from .jit import helper, kernel, prange
+from .simd import exp32
 
 
 @helper
@@ -58,7 +59,7 @@ def gated_rms_norm(o, z, w, eps, out):
         r = _inv_rms(o[t, a:a + dv], eps)
         for j in range(dv):
             g = z[t, a + j]
-            out[t, a + j] = o[t, a + j] * r * w[j] * (g / (np.float32(1.0) + np.exp(-g)))
+            out[t, a + j] = o[t, a + j] * r * w[j] * (g / (np.float32(1.0) + exp32(-g)))
 
 
 @kernel
@@ -67,4 +68,4 @@ def swiglu(gate, up, out):
     for t in prange(gate.shape[0]):
         for i in range(gate.shape[1]):
             g = gate[t, i]
-            out[t, i] = g / (np.float32(1.0) + np.exp(-g)) * up[t, i]
+            out[t, i] = g / (np.float32(1.0) + exp32(-g)) * up[t, i]
