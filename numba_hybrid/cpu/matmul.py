@@ -255,6 +255,8 @@ def matmul_q4(xl, xh, sl, sh, qs, dlo, dhi, mlo, mhi, shift, out):
 
 
 # ---- precision="fast": 8-bit activations times the weights, in integers ------------------
+
+TBI = 8     # tokens per block: their int16 activations (8 x 2K x 2 bytes) stay in L1
 #
 # quantize.quantize_activations gives x int16 [T, K] (the 8-bit values, widened once),
 # xd [T, K/32] and xs [T, K/32] (the rounded activations are xd * x; xs their 32-sums).
@@ -416,8 +418,8 @@ def matmul_int_q8_0(x, xd, raw, out):
     tok = np.arange(T)
     for b in prange((N + RB - 1) // RB):
         res = np.empty(simd.TILE, np.float32)
-        for t0 in range(0, T, TB):
-            t1 = min(T, t0 + TB)
+        for t0 in range(0, T, TBI):
+            t1 = min(T, t0 + TBI)
             for r in range(b * RB, min(N, b * RB + RB)):
                 for i0 in range(t0, t1, simd.TILE):
                     n = min(simd.TILE, t1 - i0)
@@ -432,8 +434,8 @@ def matmul_int_q6_k(x, xd, qs, sc, d, out):
     tok = np.arange(T)
     for b in prange((N + RB - 1) // RB):
         res = np.empty(simd.TILE, np.float32)
-        for t0 in range(0, T, TB):
-            t1 = min(T, t0 + TB)
+        for t0 in range(0, T, TBI):
+            t1 = min(T, t0 + TBI)
             for r in range(b * RB, min(N, b * RB + RB)):
                 for i0 in range(t0, t1, simd.TILE):
                     n = min(simd.TILE, t1 - i0)
@@ -449,8 +451,8 @@ def matmul_int_q4_k(x, xd, xs, qs, sc, d, mn, dmin, out):
     for b in prange((N + RB - 1) // RB):
         res = np.empty(simd.TILE, np.float32)
         ml = np.empty(xs.shape[1], np.float32)
-        for t0 in range(0, T, TB):
-            t1 = min(T, t0 + TB)
+        for t0 in range(0, T, TBI):
+            t1 = min(T, t0 + TBI)
             for r in range(b * RB, min(N, b * RB + RB)):
                 for i0 in range(t0, t1, simd.TILE):
                     n = min(simd.TILE, t1 - i0)
