@@ -340,72 +340,66 @@ def repack_int_q4_k(raw: np.ndarray):
 
 
 @helper
-def tile_q8_0(raw, x, xd, tok, i0, n, res):
+def tile_q8_0(raw, x, xd, tok, i0, n, out, r):
+    """out[i0 + j, r] = Q8_0 row (the file's bytes) . x[tok[i0 + j]] for j < n <= 8."""
     if n == 8:
-        simd.Q8_0_8(raw, x, xd, tok, i0, res)
+        simd.Q8_0_8(raw, x, xd, tok, i0, out, r)
     elif n == 7:
-        simd.Q8_0_7(raw, x, xd, tok, i0, res)
+        simd.Q8_0_7(raw, x, xd, tok, i0, out, r)
     elif n == 6:
-        simd.Q8_0_6(raw, x, xd, tok, i0, res)
+        simd.Q8_0_6(raw, x, xd, tok, i0, out, r)
     elif n == 5:
-        simd.Q8_0_5(raw, x, xd, tok, i0, res)
+        simd.Q8_0_5(raw, x, xd, tok, i0, out, r)
     elif n == 4:
-        simd.Q8_0_4(raw, x, xd, tok, i0, res)
+        simd.Q8_0_4(raw, x, xd, tok, i0, out, r)
     elif n == 3:
-        simd.Q8_0_3(raw, x, xd, tok, i0, res)
+        simd.Q8_0_3(raw, x, xd, tok, i0, out, r)
     elif n == 2:
-        simd.Q8_0_2(raw, x, xd, tok, i0, res)
+        simd.Q8_0_2(raw, x, xd, tok, i0, out, r)
     else:
-        simd.Q8_0_1(raw, x, xd, tok, i0, res)
+        simd.Q8_0_1(raw, x, xd, tok, i0, out, r)
 
 
 @helper
-def tile_q6_k(qs, sc, d, x, xd, tok, i0, n, res):
+def tile_q6_k(qs, sc, d, x, xd, tok, i0, n, out, r):
+    """The same for a Q6_K row (repack_int_q6_k)."""
     if n == 8:
-        simd.Q6_K_8(qs, sc, d, x, xd, tok, i0, res)
+        simd.Q6_K_8(qs, sc, d, x, xd, tok, i0, out, r)
     elif n == 7:
-        simd.Q6_K_7(qs, sc, d, x, xd, tok, i0, res)
+        simd.Q6_K_7(qs, sc, d, x, xd, tok, i0, out, r)
     elif n == 6:
-        simd.Q6_K_6(qs, sc, d, x, xd, tok, i0, res)
+        simd.Q6_K_6(qs, sc, d, x, xd, tok, i0, out, r)
     elif n == 5:
-        simd.Q6_K_5(qs, sc, d, x, xd, tok, i0, res)
+        simd.Q6_K_5(qs, sc, d, x, xd, tok, i0, out, r)
     elif n == 4:
-        simd.Q6_K_4(qs, sc, d, x, xd, tok, i0, res)
+        simd.Q6_K_4(qs, sc, d, x, xd, tok, i0, out, r)
     elif n == 3:
-        simd.Q6_K_3(qs, sc, d, x, xd, tok, i0, res)
+        simd.Q6_K_3(qs, sc, d, x, xd, tok, i0, out, r)
     elif n == 2:
-        simd.Q6_K_2(qs, sc, d, x, xd, tok, i0, res)
+        simd.Q6_K_2(qs, sc, d, x, xd, tok, i0, out, r)
     else:
-        simd.Q6_K_1(qs, sc, d, x, xd, tok, i0, res)
+        simd.Q6_K_1(qs, sc, d, x, xd, tok, i0, out, r)
 
 
 @helper
-def tile_q4_k(qs, sc, d, mn, dmin, x, xd, xs, tok, i0, n, res, ml):
-    """Q4_K: the nibble products minus the mins, sum over 32-blocks of dmin*mn*xs."""
+def tile_q4_k(qs, sc, d, mn, dmin, x, xd, xs, tok, i0, n, out, r):
+    """The same for a Q4_K row (repack_int_q4_k); xs: the activations' 32-block sums."""
     if n == 8:
-        simd.Q4_K_8(qs, sc, d, x, xd, tok, i0, res)
+        simd.Q4_K_8(qs, sc, d, mn, dmin, x, xd, xs, tok, i0, out, r)
     elif n == 7:
-        simd.Q4_K_7(qs, sc, d, x, xd, tok, i0, res)
+        simd.Q4_K_7(qs, sc, d, mn, dmin, x, xd, xs, tok, i0, out, r)
     elif n == 6:
-        simd.Q4_K_6(qs, sc, d, x, xd, tok, i0, res)
+        simd.Q4_K_6(qs, sc, d, mn, dmin, x, xd, xs, tok, i0, out, r)
     elif n == 5:
-        simd.Q4_K_5(qs, sc, d, x, xd, tok, i0, res)
+        simd.Q4_K_5(qs, sc, d, mn, dmin, x, xd, xs, tok, i0, out, r)
     elif n == 4:
-        simd.Q4_K_4(qs, sc, d, x, xd, tok, i0, res)
+        simd.Q4_K_4(qs, sc, d, mn, dmin, x, xd, xs, tok, i0, out, r)
     elif n == 3:
-        simd.Q4_K_3(qs, sc, d, x, xd, tok, i0, res)
+        simd.Q4_K_3(qs, sc, d, mn, dmin, x, xd, xs, tok, i0, out, r)
     elif n == 2:
-        simd.Q4_K_2(qs, sc, d, x, xd, tok, i0, res)
+        simd.Q4_K_2(qs, sc, d, mn, dmin, x, xd, xs, tok, i0, out, r)
     else:
-        simd.Q4_K_1(qs, sc, d, x, xd, tok, i0, res)
-    for c in range(ml.size):
-        ml[c] = dmin[c >> 3] * np.float32(mn[c])
-    for j in range(n):
-        xt = xs[tok[i0 + j]]
-        m = np.float32(0.0)
-        for c in range(ml.size):
-            m += ml[c] * xt[c]
-        res[j] -= m
+        simd.Q4_K_1(qs, sc, d, mn, dmin, x, xd, xs, tok, i0, out, r)
 
 
 # One kernel per type (their weight arguments differ in number and type); the loop nest is
@@ -417,14 +411,11 @@ def matmul_int_q8_0(x, xd, raw, out):
     T, N = x.shape[0], raw.shape[0]
     tok = np.arange(T)
     for b in prange((N + RB - 1) // RB):
-        res = np.empty(simd.TILE, np.float32)
         for t0 in range(0, T, TBI):
             t1 = min(T, t0 + TBI)
             for r in range(b * RB, min(N, b * RB + RB)):
                 for i0 in range(t0, t1, simd.TILE):
-                    n = min(simd.TILE, t1 - i0)
-                    tile_q8_0(raw[r], x, xd, tok, i0, n, res)
-                    out[i0:i0 + n, r] = res[:n]
+                    tile_q8_0(raw[r], x, xd, tok, i0, min(simd.TILE, t1 - i0), out, r)
 
 
 @kernel
@@ -433,14 +424,11 @@ def matmul_int_q6_k(x, xd, qs, sc, d, out):
     T, N = x.shape[0], qs.shape[0]
     tok = np.arange(T)
     for b in prange((N + RB - 1) // RB):
-        res = np.empty(simd.TILE, np.float32)
         for t0 in range(0, T, TBI):
             t1 = min(T, t0 + TBI)
             for r in range(b * RB, min(N, b * RB + RB)):
                 for i0 in range(t0, t1, simd.TILE):
-                    n = min(simd.TILE, t1 - i0)
-                    tile_q6_k(qs[r], sc[r], d[r], x, xd, tok, i0, n, res)
-                    out[i0:i0 + n, r] = res[:n]
+                    tile_q6_k(qs[r], sc[r], d[r], x, xd, tok, i0, min(simd.TILE, t1 - i0), out, r)
 
 
 @kernel
@@ -449,12 +437,9 @@ def matmul_int_q4_k(x, xd, xs, qs, sc, d, mn, dmin, out):
     T, N = x.shape[0], qs.shape[0]
     tok = np.arange(T)
     for b in prange((N + RB - 1) // RB):
-        res = np.empty(simd.TILE, np.float32)
-        ml = np.empty(xs.shape[1], np.float32)
         for t0 in range(0, T, TBI):
             t1 = min(T, t0 + TBI)
             for r in range(b * RB, min(N, b * RB + RB)):
                 for i0 in range(t0, t1, simd.TILE):
-                    n = min(simd.TILE, t1 - i0)
-                    tile_q4_k(qs[r], sc[r], d[r], mn[r], dmin[r], x, xd, xs, tok, i0, n, res, ml)
-                    out[i0:i0 + n, r] = res[:n]
+                    tile_q4_k(qs[r], sc[r], d[r], mn[r], dmin[r], x, xd, xs, tok, i0,
+                              min(simd.TILE, t1 - i0), out, r)

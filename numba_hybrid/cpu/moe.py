@@ -159,13 +159,10 @@ def expert_matmul_int_q8_0(x, xd, src, raw, exp_start, tasks, out):
     N = raw.shape[1]
     for i in prange(tasks.shape[0]):
         e, b = tasks[i, 0], tasks[i, 1]
-        res = np.empty(simd.TILE, np.float32)
         p0, p1 = exp_start[e], exp_start[e + 1]
         for r in range(b * RB, min(N, b * RB + RB)):
             for i0 in range(p0, p1, simd.TILE):
-                n = min(simd.TILE, p1 - i0)
-                tile_q8_0(raw[e, r], x, xd, src, i0, n, res)
-                out[i0:i0 + n, r] = res[:n]
+                tile_q8_0(raw[e, r], x, xd, src, i0, min(simd.TILE, p1 - i0), out, r)
 
 
 @kernel
@@ -174,13 +171,11 @@ def expert_matmul_int_q6_k(x, xd, src, qs, sc, d, exp_start, tasks, out):
     N = qs.shape[1]
     for i in prange(tasks.shape[0]):
         e, b = tasks[i, 0], tasks[i, 1]
-        res = np.empty(simd.TILE, np.float32)
         p0, p1 = exp_start[e], exp_start[e + 1]
         for r in range(b * RB, min(N, b * RB + RB)):
             for i0 in range(p0, p1, simd.TILE):
-                n = min(simd.TILE, p1 - i0)
-                tile_q6_k(qs[e, r], sc[e, r], d[e, r], x, xd, src, i0, n, res)
-                out[i0:i0 + n, r] = res[:n]
+                tile_q6_k(qs[e, r], sc[e, r], d[e, r], x, xd, src, i0, min(simd.TILE, p1 - i0),
+                          out, r)
 
 
 @kernel
@@ -189,12 +184,8 @@ def expert_matmul_int_q4_k(x, xd, xs, src, qs, sc, d, mn, dmin, exp_start, tasks
     N = qs.shape[1]
     for i in prange(tasks.shape[0]):
         e, b = tasks[i, 0], tasks[i, 1]
-        res = np.empty(simd.TILE, np.float32)
-        ml = np.empty(xs.shape[1], np.float32)
         p0, p1 = exp_start[e], exp_start[e + 1]
         for r in range(b * RB, min(N, b * RB + RB)):
             for i0 in range(p0, p1, simd.TILE):
-                n = min(simd.TILE, p1 - i0)
                 tile_q4_k(qs[e, r], sc[e, r], d[e, r], mn[e, r], dmin[e, r], x, xd, xs, src, i0,
-                          n, res, ml)
-                out[i0:i0 + n, r] = res[:n]
+                          min(simd.TILE, p1 - i0), out, r)

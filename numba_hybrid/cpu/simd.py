@@ -12,7 +12,7 @@ sub-block scales of the K-quants already multiplied in, and reused for every tok
 tile; per token the work is then one ``vpmaddwd`` and one integer add per 32 weights.
 
 Arithmetic, per token, in this order and the same for any tile size (so a token's result
-does not depend on the batch, bit for bit):
+does not depend on the batch, bit for bit); the result goes straight to ``out[i0 + j, r]``:
 
 * Q4_K, Q6_K (super-blocks of 256): exact int32 sums over the super-block in 16 lanes,
   converted to float32 and added into a 16-lane float32 accumulator with one fused
@@ -22,7 +22,9 @@ does not depend on the batch, bit for bit):
 * Q8_0 (blocks of 32): the block's int32 pair sums, converted and added with one FMA by
   ``d * xd`` per block, even blocks into one accumulator and odd blocks into another (two
   independent chains), which are added at the end.
-* After the row, a fixed tree of shuffles sums the 16 lanes.
+* After the row, a fixed tree of shuffles sums the 16 lanes. Q4_K then subtracts its mins
+  term, sum over 32-blocks of dmin * min * (the activations' block sum xs), accumulated in
+  8 lanes one super-block at a time and summed by a fixed tree.
 
 Layouts (matmul.py repacks the weights at load, quantize.py the activations per call):
 activations ``x`` int16 [T, K] and float32 scales ``xd`` [T, K/32] (Q8_K's per-256
@@ -31,7 +33,8 @@ scale repeated for each 32). Weights, per row: Q4_K ``qs`` uint8 [K/2] (byte l o
 ``sc`` uint8 [K/32] six-bit scales and ``d`` float32 [K/256]; Q6_K ``qs`` int8 [K] (q - 32),
 ``sc`` int8 [K/16], ``d`` float32 [K/256]; Q8_0 the file's rows as they are (uint8, blocks
 of an f16 scale and 32 int8 values), read in place from the memory map.
-The caller handles the Q4_K mins.
+Q4_K also takes its six-bit mins ``mn`` uint8 [K/32], ``dmin`` float32 [K/256] and the
+activations' 32-block sums ``xs`` [T, K/32].
 """
 
 from __future__ import annotations
@@ -124,13 +127,19 @@ class _Args:
     def dim(self, i, axis):
         return self.builder.extract_value(self.arrays[i].shape, axis)
 
+    def stride(self, i, axis):
+        return self.builder.extract_value(self.arrays[i].strides, axis)
 
-def _tile(builder, n, K, x, xd, tok, i0, res, n_outer, outer_step, inner, n_acc):
+    def int64(self, i, sig):
+        return self.context.cast(self.builder, self.values[i], sig.args[i], types.int64)
+
+
+def _tile(builder, n, K, x, xd, tok, i0, n_outer, outer_step, inner, n_acc):
     """The loop nest shared by every type: for each of the row's K / outer_step outer
     blocks, ``inner(o, xrows)`` returns, per token, the block's float32 term to add
     (a <16 x float> and its scale). Block o goes to accumulator o % n_acc (independent
     FMA chains, so one token is not bound by FMA latency); at the end the accumulators
-    are added in order and their lanes summed into res[0..n)."""
+    are added in order and their lanes summed. Returns the n sums."""
     xrows, xdrows = [], []
     for j in range(n):
         t = builder.load(builder.gep(tok, [builder.add(i0, _c(j))]))
@@ -154,11 +163,44 @@ def _tile(builder, n, K, x, xd, tok, i0, res, n_outer, outer_step, inner, n_acc)
     done = builder.mul(builder.udiv(n_outer, _c(n_acc)), _c(n_acc))
     with cgutils.for_range(builder, builder.sub(n_outer, done)) as loop:   # the tail
         step(builder.add(done, loop.index), 0)
+    sums = []
     for j in range(n):
         total = builder.load(accs[j][0])
         for a in range(1, n_acc):
             total = builder.fadd(total, builder.load(accs[j][a]))
-        builder.store(_reduce(builder, total), builder.gep(res, [_c(j)]))
+        sums.append(_reduce(builder, total))
+    return sums
+
+
+def _q4_k_mins(builder, n, K, mn, dmin, xs, tok, i0):
+    """Per token: sum over 32-blocks c of dmin[c / 8] * mn[c] * xs[t, c], in 8 lanes (one
+    super-block per step), the lanes summed by a fixed tree."""
+    v8b, v8f = ir.VectorType(I8, 8), ir.VectorType(F32, 8)
+    rows = [builder.gep(xs, [builder.mul(builder.load(builder.gep(tok, [builder.add(i0, _c(j))])),
+                                         builder.lshr(K, _c(5)))]) for j in range(n)]
+    accs = [cgutils.alloca_once_value(builder, ir.Constant(v8f, None)) for _ in range(n)]
+    with cgutils.for_range(builder, builder.lshr(K, _c(8))) as loop:
+        sb = loop.index
+        m = builder.uitofp(_load(builder, mn, builder.mul(sb, _c(8)), v8b), v8f)
+        dm = builder.insert_element(ir.Constant(v8f, ir.Undefined), _scalar(builder, dmin, sb),
+                                    ir.Constant(I32, 0))
+        ml = builder.fmul(m, builder.shuffle_vector(dm, dm, ir.Constant(ir.VectorType(I32, 8),
+                                                                        None)))
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8f, [v8f] * 3),
+                                            "llvm.fma.v8f32")
+        for j in range(n):
+            xv = _load(builder, rows[j], builder.mul(sb, _c(8)), v8f)
+            builder.store(builder.call(fn, [ml, xv, builder.load(accs[j])]), accs[j])
+    out = []
+    for j in range(n):
+        acc, width = builder.load(accs[j]), 8
+        while width > 1:
+            width //= 2
+            acc = builder.fadd(builder.shuffle_vector(acc, acc, _consts(I32, range(width))),
+                               builder.shuffle_vector(acc, acc, _consts(I32, range(width,
+                                                                                   2 * width))))
+        out.append(builder.extract_element(acc, ir.Constant(I32, 0)))
+    return out
 
 
 def _kernel(kind: str, n: int):
@@ -168,12 +210,19 @@ def _kernel(kind: str, n: int):
         if kind == "q8_0":
             qs = a.data(0)
             ix = 1
-        else:
+        elif kind == "q6_k":
             qs, sc, d = a.data(0), a.data(1), a.data(2)
             ix = 3
-        x, xd, tok, res = a.data(ix), a.data(ix + 1), a.data(ix + 2), a.data(ix + 4)
-        i0 = context.cast(builder, a.values[ix + 3], sig.args[ix + 3], types.int64)
-        K = a.dim(ix, 1)
+        else:
+            qs, sc, d, mn, dmin = (a.data(i) for i in range(5))
+            ix = 5
+        x, xd = a.data(ix), a.data(ix + 1)
+        if kind == "q4_k":
+            xs = a.data(ix + 2)
+            ix += 1
+        tok, i0, out, r = a.data(ix + 2), a.int64(ix + 3, sig), a.data(ix + 4), a.int64(ix + 5, sig)
+        out_stride = a.stride(ix + 4, 0)
+        K = a.dim(ix, 1) if kind != "q4_k" else a.dim(ix - 1, 1)
 
         # K-quant super-blocks: each token's integer sums run in `chains` independent
         # chains (fewer tokens, more chains, so one token is not bound by the latency of
@@ -239,31 +288,46 @@ def _kernel(kind: str, n: int):
 
         inner, step, n_acc = {"q4_k": (q4_k, 256, 1), "q6_k": (q6_k, 256, 1),
                               "q8_0": (q8_0, 32, 2)}[kind]
-        _tile(builder, n, K, x, xd, tok, i0, res, builder.udiv(K, _c(step)), step, inner, n_acc)
+        sums = _tile(builder, n, K, x, xd, tok, i0, builder.udiv(K, _c(step)), step, inner, n_acc)
+        if kind == "q4_k":
+            mins = _q4_k_mins(builder, n, K, mn, dmin, xs, tok, i0)
+            sums = [builder.fsub(v, m) for v, m in zip(sums, mins)]
+        base = builder.bitcast(out, I8.as_pointer())
+        for j, v in enumerate(sums):
+            off = builder.add(builder.mul(builder.add(i0, _c(j)), out_stride),
+                              builder.mul(r, _c(4)))
+            builder.store(v, builder.bitcast(builder.gep(base, [off]), F32.as_pointer()))
         return context.get_dummy_value()
     return codegen
 
 
 def _q8_0(n):
     @intrinsic
-    def kernel(typingctx, raw, x, xd, tok, i0, res):
-        return types.none(raw, x, xd, tok, i0, res), _kernel("q8_0", n)
+    def kernel(typingctx, raw, x, xd, tok, i0, out, r):
+        return types.none(raw, x, xd, tok, i0, out, r), _kernel("q8_0", n)
     return kernel
 
 
-def _kquant(kind, n):
+def _q6_k(n):
     @intrinsic
-    def kernel(typingctx, qs, sc, d, x, xd, tok, i0, res):
-        return types.none(qs, sc, d, x, xd, tok, i0, res), _kernel(kind, n)
+    def kernel(typingctx, qs, sc, d, x, xd, tok, i0, out, r):
+        return types.none(qs, sc, d, x, xd, tok, i0, out, r), _kernel("q6_k", n)
     return kernel
 
 
-# One kernel per type and token count: row . x[tok[i0 + j]] -> res[j], j < n.
+def _q4_k(n):
+    @intrinsic
+    def kernel(typingctx, qs, sc, d, mn, dmin, x, xd, xs, tok, i0, out, r):
+        return (types.none(qs, sc, d, mn, dmin, x, xd, xs, tok, i0, out, r),
+                _kernel("q4_k", n))
+    return kernel
+
+
+# One kernel per type and token count n: out[i0 + j, r] = row r . x[tok[i0 + j]], j < n
+# (the caller passes the row's arrays and r).
 Q8_0_1, Q8_0_2, Q8_0_3, Q8_0_4, Q8_0_5, Q8_0_6, Q8_0_7, Q8_0_8 = (_q8_0(n) for n in range(1, 9))
-Q6_K_1, Q6_K_2, Q6_K_3, Q6_K_4, Q6_K_5, Q6_K_6, Q6_K_7, Q6_K_8 = (_kquant("q6_k", n)
-                                                                  for n in range(1, 9))
-Q4_K_1, Q4_K_2, Q4_K_3, Q4_K_4, Q4_K_5, Q4_K_6, Q4_K_7, Q4_K_8 = (_kquant("q4_k", n)
-                                                                  for n in range(1, 9))
+Q6_K_1, Q6_K_2, Q6_K_3, Q6_K_4, Q6_K_5, Q6_K_6, Q6_K_7, Q6_K_8 = (_q6_k(n) for n in range(1, 9))
+Q4_K_1, Q4_K_2, Q4_K_3, Q4_K_4, Q4_K_5, Q4_K_6, Q4_K_7, Q4_K_8 = (_q4_k(n) for n in range(1, 9))
 
 
 # ---- exp -------------------------------------------------------------------------------------
