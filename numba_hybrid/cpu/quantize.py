@@ -78,44 +78,58 @@ def round_activations(x, kind, out):
                     out[t, b * 256 + j] = d * min(np.float32(127.0), np.rint(x[t, b * 256 + j] * s))
 
 
-@strict
+# No NaN in the activations is assumed (``nnan``) so that the max-magnitude loops vectorise;
+# every rounding is still a single IEEE operation, so the values are those of
+# round_activations, bit for bit.
+vector = numba.njit(parallel=PARALLEL, fastmath={"nnan", "nsz"}, cache=True, nogil=True)
+
+
+@strict_helper
+def _amax(v):
+    m = np.float32(0.0)
+    for i in range(v.size):
+        m = max(m, abs(v[i]))
+    return m
+
+
+@vector
 def quantize_activations(x, kind, xq, xd, xs):
     """x float32 [T, K] -> the integers and scales of ggml's 8-bit activation blocks:
-    xq int8 [T, K], xd [T, K/32] (Q8_K's per-256 scale repeated for each 32), and xs
-    [T, K/32], each 32-block's sum of rounded values. ``xd * xq`` is exactly what
-    round_activations gives. kind is ACT_Q8_0 or ACT_Q8_K."""
+    xq int16 [T, K] (the 8-bit values, widened), xd [T, K/32] (Q8_K's per-256 scale
+    repeated for each 32), and xs [T, K/32], each 32-block's sum of rounded values.
+    ``xd * xq`` is exactly what round_activations gives. kind is ACT_Q8_0 or ACT_Q8_K."""
     T, K = x.shape
     for t in numba.prange(T):
+        xt = x[t]
         if kind == ACT_Q8_0:
             for b in range(K // 32):
-                amax = np.float32(0.0)
-                for j in range(32):
-                    amax = max(amax, abs(x[t, b * 32 + j]))
+                v = xt[b * 32:b * 32 + 32]
+                amax = _amax(v)
                 inv = np.float32(127.0) / amax if amax > 0 else np.float32(0.0)
                 d = f16_round(amax / np.float32(127.0))
                 n = 0
                 for j in range(32):
-                    q = np.int32(np.rint(x[t, b * 32 + j] * inv))
+                    q = np.int32(np.rint(v[j] * inv))
                     xq[t, b * 32 + j] = q
                     n += q
                 xd[t, b] = d
                 xs[t, b] = d * np.float32(n)
         else:  # ACT_Q8_K
             for b in range(K // 256):
-                amax = np.float32(0.0)
+                v = xt[b * 256:b * 256 + 256]
+                amax = _amax(v)
                 m = np.float32(0.0)
-                for j in range(256):
-                    ax = abs(x[t, b * 256 + j])
-                    if ax > amax:
-                        amax = ax
-                        m = x[t, b * 256 + j]
+                for j in range(256):            # the first value of largest magnitude
+                    if abs(v[j]) == amax:
+                        m = v[j]
+                        break
                 s = np.float32(-127.0) / m if amax > 0 else np.float32(0.0)
                 d = np.float32(1.0) / s if amax > 0 else np.float32(0.0)
                 for c in range(8):
                     n = 0
-                    for j in range(b * 256 + c * 32, b * 256 + c * 32 + 32):
-                        q = np.int32(min(np.float32(127.0), np.rint(x[t, j] * s)))
-                        xq[t, j] = q
+                    for j in range(c * 32, c * 32 + 32):
+                        q = np.int32(min(np.float32(127.0), np.rint(v[j] * s)))
+                        xq[t, b * 256 + j] = q
                         n += q
                     xd[t, b * 8 + c] = d
                     xs[t, b * 8 + c] = d * np.float32(n)
