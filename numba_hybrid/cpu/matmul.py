@@ -256,7 +256,14 @@ def matmul_q4(xl, xh, sl, sh, qs, dlo, dhi, mlo, mhi, shift, out):
 
 # ---- precision="fast": 8-bit activations times the weights, in integers ------------------
 
-TBI = 8     # tokens per block: their int16 activations (8 x 2K x 2 bytes) stay in L1
+L1_ACTIVATIONS = 32768    # bytes of int16 activations a token block keeps in L1
+
+
+@helper
+def token_block(K):
+    """Tokens per block for K-quant rows of K: as many as keep their activations in L1,
+    1 to 8 (measured at K = 4096, 8 tokens: Q4_K 255 -> 309 GFLOP/s with blocks of 4)."""
+    return max(1, min(simd.TILE, L1_ACTIVATIONS // (2 * K)))
 #
 # quantize.quantize_activations gives x int16 [T, K] (the 8-bit values, widened once),
 # xd [T, K/32] and xs [T, K/32] (the rounded activations are xd * x; xs their 32-sums).
@@ -410,9 +417,10 @@ def matmul_int_q8_0(x, xd, raw, out):
     """8-bit activations (quantize_activations) times Q8_0 rows as in the file -> out [T, N]."""
     T, N = x.shape[0], raw.shape[0]
     tok = np.arange(T)
+    tb = simd.TILE          # measured: Q8_0's per-token work gains more from full tiles
     for b in prange((N + RB - 1) // RB):
-        for t0 in range(0, T, TBI):
-            t1 = min(T, t0 + TBI)
+        for t0 in range(0, T, tb):
+            t1 = min(T, t0 + tb)
             for r in range(b * RB, min(N, b * RB + RB)):
                 for i0 in range(t0, t1, simd.TILE):
                     tile_q8_0(raw[r], x, xd, tok, i0, min(simd.TILE, t1 - i0), out, r)
@@ -423,9 +431,10 @@ def matmul_int_q6_k(x, xd, qs, sc, d, out):
     """8-bit activations times Q6_K (repack_int_q6_k) -> out [T, N]."""
     T, N = x.shape[0], qs.shape[0]
     tok = np.arange(T)
+    tb = token_block(x.shape[1])
     for b in prange((N + RB - 1) // RB):
-        for t0 in range(0, T, TBI):
-            t1 = min(T, t0 + TBI)
+        for t0 in range(0, T, tb):
+            t1 = min(T, t0 + tb)
             for r in range(b * RB, min(N, b * RB + RB)):
                 for i0 in range(t0, t1, simd.TILE):
                     tile_q6_k(qs[r], sc[r], d[r], x, xd, tok, i0, min(simd.TILE, t1 - i0), out, r)
@@ -436,9 +445,10 @@ def matmul_int_q4_k(x, xd, xs, qs, sc, d, mn, dmin, out):
     """8-bit activations (xs: their 32-sums) times Q4_K (repack_int_q4_k) -> out [T, N]."""
     T, N = x.shape[0], qs.shape[0]
     tok = np.arange(T)
+    tb = token_block(x.shape[1])
     for b in prange((N + RB - 1) // RB):
-        for t0 in range(0, T, TBI):
-            t1 = min(T, t0 + TBI)
+        for t0 in range(0, T, tb):
+            t1 = min(T, t0 + tb)
             for r in range(b * RB, min(N, b * RB + RB)):
                 for i0 in range(t0, t1, simd.TILE):
                     tile_q4_k(qs[r], sc[r], d[r], mn[r], dmin[r], x, xd, xs, tok, i0,
