@@ -301,21 +301,21 @@ def _unpack_q6_k(blocks, q, sc, d):
 
 
 @kernel
-def _unpack_q4_k(blocks, qs, sc, mn, d, dmin):
-    """Q4_K blocks uint8 [nb, 144] -> nibbles [nb, 128], six-bit scales and mins [nb, 8],
-    d and dmin [nb]."""
+def _unpack_q4_k(blocks, out):
+    """Q4_K blocks uint8 [nb, 144] -> [nb, 148]: d, dmin (the file's f16 bytes), the eight
+    six-bit scales and the eight mins one per byte, then the 128 bytes of nibbles."""
     for b in prange(blocks.shape[0]):
-        blk = blocks[b]
-        d[b] = F16_TABLE[np.int64(blk[0]) | (np.int64(blk[1]) << 8)]
-        dmin[b] = F16_TABLE[np.int64(blk[2]) | (np.int64(blk[3]) << 8)]
+        blk, o = blocks[b], out[b]
+        for i in range(4):
+            o[i] = blk[i]
         for j in range(4):
             lo, mid, hi = blk[4 + j], blk[8 + j], blk[12 + j]
-            sc[b, j] = lo & 63
-            mn[b, j] = mid & 63
-            sc[b, j + 4] = (hi & 15) | ((lo >> 6) << 4)
-            mn[b, j + 4] = (hi >> 4) | ((mid >> 6) << 4)
+            o[4 + j] = lo & 63
+            o[12 + j] = mid & 63
+            o[8 + j] = (hi & 15) | ((lo >> 6) << 4)
+            o[16 + j] = (hi >> 4) | ((mid >> 6) << 4)
         for i in range(128):
-            qs[b, i] = blk[16 + i]
+            o[20 + i] = blk[16 + i]
 
 
 def repack_int_q6_k(raw: np.ndarray):
@@ -331,19 +331,13 @@ def repack_int_q6_k(raw: np.ndarray):
 
 
 def repack_int_q4_k(raw: np.ndarray):
-    """Raw Q4_K rows -> (qs uint8 [..., N, K/2], sc uint8 [..., N, K/32], d f32
-    [..., N, K/256], mn uint8 [..., N, K/32], dmin f32 [..., N, K/256]): the file's
-    nibbles and six-bit scales and mins unpacked, 0.59 bytes per weight (file: 0.5625)."""
-    lead = raw.shape[:-1]
+    """Raw Q4_K rows -> (uint8 [..., N, K/256 * 148],): super-blocks with the six-bit
+    scales and mins unpacked to bytes (simd.py's layout), 0.578 bytes per weight (file:
+    0.5625), one stream per matrix."""
     blocks = raw.reshape(-1, 144)
-    nb = blocks.shape[0]
-    qs = np.empty((nb, 128), np.uint8)
-    sc, mn = np.empty((nb, 8), np.uint8), np.empty((nb, 8), np.uint8)
-    d, dmin = np.empty(nb, np.float32), np.empty(nb, np.float32)
-    _unpack_q4_k(blocks, qs, sc, mn, d, dmin)
-    shape = lead + (-1,)
-    return (qs.reshape(shape), sc.reshape(shape), d.reshape(shape), mn.reshape(shape),
-            dmin.reshape(shape))
+    out = np.empty((blocks.shape[0], simd.Q4_K_BLOCK), np.uint8)
+    _unpack_q4_k(blocks, out)
+    return (out.reshape(raw.shape[:-1] + (-1,)),)
 
 
 @helper
@@ -389,24 +383,24 @@ def tile_q6_k(qs, sc, d, x, xd, tok, i0, n, out, r):
 
 
 @helper
-def tile_q4_k(qs, sc, d, mn, dmin, x, xd, xs, tok, i0, n, out, r):
+def tile_q4_k(w, x, xd, xs, tok, i0, n, out, r):
     """The same for a Q4_K row (repack_int_q4_k); xs: the activations' 32-block sums."""
     if n == 8:
-        simd.Q4_K_8(qs, sc, d, mn, dmin, x, xd, xs, tok, i0, out, r)
+        simd.Q4_K_8(w, x, xd, xs, tok, i0, out, r)
     elif n == 7:
-        simd.Q4_K_7(qs, sc, d, mn, dmin, x, xd, xs, tok, i0, out, r)
+        simd.Q4_K_7(w, x, xd, xs, tok, i0, out, r)
     elif n == 6:
-        simd.Q4_K_6(qs, sc, d, mn, dmin, x, xd, xs, tok, i0, out, r)
+        simd.Q4_K_6(w, x, xd, xs, tok, i0, out, r)
     elif n == 5:
-        simd.Q4_K_5(qs, sc, d, mn, dmin, x, xd, xs, tok, i0, out, r)
+        simd.Q4_K_5(w, x, xd, xs, tok, i0, out, r)
     elif n == 4:
-        simd.Q4_K_4(qs, sc, d, mn, dmin, x, xd, xs, tok, i0, out, r)
+        simd.Q4_K_4(w, x, xd, xs, tok, i0, out, r)
     elif n == 3:
-        simd.Q4_K_3(qs, sc, d, mn, dmin, x, xd, xs, tok, i0, out, r)
+        simd.Q4_K_3(w, x, xd, xs, tok, i0, out, r)
     elif n == 2:
-        simd.Q4_K_2(qs, sc, d, mn, dmin, x, xd, xs, tok, i0, out, r)
+        simd.Q4_K_2(w, x, xd, xs, tok, i0, out, r)
     else:
-        simd.Q4_K_1(qs, sc, d, mn, dmin, x, xd, xs, tok, i0, out, r)
+        simd.Q4_K_1(w, x, xd, xs, tok, i0, out, r)
 
 
 # One kernel per type (their weight arguments differ in number and type); the loop nest is
@@ -441,9 +435,9 @@ def matmul_int_q6_k(x, xd, qs, sc, d, out):
 
 
 @kernel
-def matmul_int_q4_k(x, xd, xs, qs, sc, d, mn, dmin, out):
+def matmul_int_q4_k(x, xd, xs, w, out):
     """8-bit activations (xs: their 32-sums) times Q4_K (repack_int_q4_k) -> out [T, N]."""
-    T, N = x.shape[0], qs.shape[0]
+    T, N = x.shape[0], w.shape[0]
     tok = np.arange(T)
     tb = token_block(x.shape[1])
     for b in prange((N + RB - 1) // RB):
@@ -451,5 +445,4 @@ def matmul_int_q4_k(x, xd, xs, qs, sc, d, mn, dmin, out):
             t1 = min(T, t0 + tb)
             for r in range(b * RB, min(N, b * RB + RB)):
                 for i0 in range(t0, t1, simd.TILE):
-                    tile_q4_k(qs[r], sc[r], d[r], mn[r], dmin[r], x, xd, xs, tok, i0,
-                              min(simd.TILE, t1 - i0), out, r)
+                    tile_q4_k(w[r], x, xd, xs, tok, i0, min(simd.TILE, t1 - i0), out, r)

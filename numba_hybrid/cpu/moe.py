@@ -179,13 +179,12 @@ def expert_matmul_int_q6_k(x, xd, src, qs, sc, d, exp_start, tasks, out):
 
 
 @kernel
-def expert_matmul_int_q4_k(x, xd, xs, src, qs, sc, d, mn, dmin, exp_start, tasks, out):
+def expert_matmul_int_q4_k(x, xd, xs, src, w, exp_start, tasks, out):
     """expert_matmul for Q4_K experts on 8-bit activations."""
-    N = qs.shape[1]
+    N = w.shape[1]
     for i in prange(tasks.shape[0]):
         e, b = tasks[i, 0], tasks[i, 1]
         p0, p1 = exp_start[e], exp_start[e + 1]
         for r in range(b * RB, min(N, b * RB + RB)):
             for i0 in range(p0, p1, simd.TILE):
-                tile_q4_k(qs[e, r], sc[e, r], d[e, r], mn[e, r], dmin[e, r], x, xd, xs, src, i0,
-                          min(simd.TILE, p1 - i0), out, r)
+                tile_q4_k(w[e, r], x, xd, xs, src, i0, min(simd.TILE, p1 - i0), out, r)

@@ -28,13 +28,13 @@ does not depend on the batch, bit for bit); the result goes straight to ``out[i0
 
 Layouts (matmul.py repacks the weights at load, quantize.py the activations per call):
 activations ``x`` int16 [T, K] and float32 scales ``xd`` [T, K/32] (Q8_K's per-256
-scale repeated for each 32). Weights, per row: Q4_K ``qs`` uint8 [K/2] (byte l of each
-32-byte group: element l of the group's 64 in the low nibble, l + 32 in the high one),
-``sc`` uint8 [K/32] six-bit scales and ``d`` float32 [K/256]; Q6_K ``qs`` int8 [K] (q - 32),
-``sc`` int8 [K/16], ``d`` float32 [K/256]; Q8_0 the file's rows as they are (uint8, blocks
-of an f16 scale and 32 int8 values), read in place from the memory map.
-Q4_K also takes its six-bit mins ``mn`` uint8 [K/32], ``dmin`` float32 [K/256] and the
-activations' 32-block sums ``xs`` [T, K/32].
+scale repeated for each 32). Weights, per row: Q4_K in 148-byte super-blocks, one stream
+(d f16, dmin f16, 8 six-bit scales and 8 mins as bytes, then the file's 128 bytes of
+nibbles: byte l of each 32-byte group holds element l of the group's 64 in the low nibble,
+l + 32 in the high one); Q6_K ``qs`` int8 [K] (q - 32), ``sc`` int8 [K/16], ``d`` float32
+[K/256]; Q8_0 the file's rows as they are (uint8, blocks of an f16 scale and 32 int8
+values), read in place from the memory map. Q4_K also takes the activations' 32-block sums
+``xs`` [T, K/32].
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 TILE = 8                       # tokens per call
+Q4_K_BLOCK = 148               # bytes of a repacked Q4_K super-block (see the docstring)
 
 F32 = ir.FloatType()
 I8, I16, I32, I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
@@ -93,6 +94,13 @@ def _load(builder, base, offset, ty):
 
 def _scalar(builder, base, offset):
     return builder.load(builder.gep(base, [offset]))
+
+
+def _half(builder, base, offset, extra):
+    """The f16 at byte offset + extra of a uint8 buffer, as float32."""
+    ptr = builder.gep(base, [builder.add(offset, _c(extra))])
+    return builder.fpext(builder.load(builder.bitcast(ptr, ir.HalfType().as_pointer()),
+                                      align=1), F32)
 
 
 def _madd(builder, a, b):
@@ -172,17 +180,19 @@ def _tile(builder, n, K, x, xd, tok, i0, n_outer, outer_step, inner, n_acc):
     return sums
 
 
-def _q4_k_mins(builder, n, K, mn, dmin, xs, tok, i0):
-    """Per token: sum over 32-blocks c of dmin[c / 8] * mn[c] * xs[t, c], in 8 lanes (one
-    super-block per step), the lanes summed by a fixed tree."""
+def _q4_k_mins(builder, n, K, w, xs, tok, i0):
+    """Per token: sum over 32-blocks c of dmin * mn[c] * xs[t, c] (dmin, mn: the
+    super-block's), in 8 lanes (one super-block per step), the lanes summed by a fixed
+    tree."""
     v8b, v8f = ir.VectorType(I8, 8), ir.VectorType(F32, 8)
     rows = [builder.gep(xs, [builder.mul(builder.load(builder.gep(tok, [builder.add(i0, _c(j))])),
                                          builder.lshr(K, _c(5)))]) for j in range(n)]
     accs = [cgutils.alloca_once_value(builder, ir.Constant(v8f, None)) for _ in range(n)]
     with cgutils.for_range(builder, builder.lshr(K, _c(8))) as loop:
         sb = loop.index
-        m = builder.uitofp(_load(builder, mn, builder.mul(sb, _c(8)), v8b), v8f)
-        dm = builder.insert_element(ir.Constant(v8f, ir.Undefined), _scalar(builder, dmin, sb),
+        blk = builder.mul(sb, _c(Q4_K_BLOCK))
+        m = builder.uitofp(_load(builder, w, builder.add(blk, _c(12)), v8b), v8f)
+        dm = builder.insert_element(ir.Constant(v8f, ir.Undefined), _half(builder, w, blk, 2),
                                     ir.Constant(I32, 0))
         ml = builder.fmul(m, builder.shuffle_vector(dm, dm, ir.Constant(ir.VectorType(I32, 8),
                                                                         None)))
@@ -214,8 +224,8 @@ def _kernel(kind: str, n: int):
             qs, sc, d = a.data(0), a.data(1), a.data(2)
             ix = 3
         else:
-            qs, sc, d, mn, dmin = (a.data(i) for i in range(5))
-            ix = 5
+            qs = a.data(0)
+            ix = 1
         x, xd = a.data(ix), a.data(ix + 1)
         if kind == "q4_k":
             xs = a.data(ix + 2)
@@ -243,13 +253,14 @@ def _kernel(kind: str, n: int):
         def q4_k(sb, xrows):
             iaccs = [ir.Constant(V16I, None)] * (chains * n)
             low, four = ir.Constant(V32B, [15] * 32), ir.Constant(V32B, [4] * 32)
+            blk = builder.mul(sb, _c(Q4_K_BLOCK))
             for g in range(4):
                 grp = builder.add(builder.mul(sb, _c(4)), _c(g))
-                q = _load(builder, qs, builder.mul(grp, _c(32)), V32B)
+                q = _load(builder, qs, builder.add(blk, _c(20 + 32 * g)), V32B)
                 ws = []
                 for half, nib in enumerate((builder.and_(q, low), builder.lshr(q, four))):
-                    s = builder.zext(_scalar(builder, sc, builder.add(builder.mul(grp, _c(2)),
-                                                                      _c(half))), I16)
+                    s = builder.zext(_scalar(builder, qs, builder.add(blk, _c(4 + 2 * g + half))),
+                                     I16)
                     ws.append(builder.mul(builder.zext(nib, V32W), _splat(builder, s, V32W)))
                 for j in range(n):
                     xo = builder.mul(grp, _c(64))
@@ -258,7 +269,7 @@ def _kernel(kind: str, n: int):
                     a = chains * j + g % chains
                     iaccs[a] = builder.add(iaccs[a], builder.add(_madd(builder, ws[0], xl),
                                                                  _madd(builder, ws[1], xh)))
-            return _combine(iaccs, _scalar(builder, d, sb))
+            return _combine(iaccs, _half(builder, qs, blk, 0))
 
         def q6_k(sb, xrows):
             iaccs = [ir.Constant(V16I, None)] * (chains * n)
@@ -290,7 +301,7 @@ def _kernel(kind: str, n: int):
                               "q8_0": (q8_0, 32, 2)}[kind]
         sums = _tile(builder, n, K, x, xd, tok, i0, builder.udiv(K, _c(step)), step, inner, n_acc)
         if kind == "q4_k":
-            mins = _q4_k_mins(builder, n, K, mn, dmin, xs, tok, i0)
+            mins = _q4_k_mins(builder, n, K, qs, xs, tok, i0)
             sums = [builder.fsub(v, m) for v, m in zip(sums, mins)]
         base = builder.bitcast(out, I8.as_pointer())
         for j, v in enumerate(sums):
@@ -317,9 +328,8 @@ def _q6_k(n):
 
 def _q4_k(n):
     @intrinsic
-    def kernel(typingctx, qs, sc, d, mn, dmin, x, xd, xs, tok, i0, out, r):
-        return (types.none(qs, sc, d, mn, dmin, x, xd, xs, tok, i0, out, r),
-                _kernel("q4_k", n))
+    def kernel(typingctx, w, x, xd, xs, tok, i0, out, r):
+        return types.none(w, x, xd, xs, tok, i0, out, r), _kernel("q4_k", n)
     return kernel
 
 
