@@ -371,3 +371,48 @@ def test_expert_matmul_int(qtype, T):
                     for t, e in ((src[p], np.searchsorted(exp_start, p, "right") - 1)
                                  for p in range(T * k))])
     assert_close("matmul", ref, out)
+
+
+@pytest.mark.parametrize("qtype", [QT.Q8_0, QT.Q6_K, QT.Q4_K], ids=lambda q: q.name)
+@pytest.mark.parametrize("k", [2304, 4352])
+def test_integer_kernels_give_every_token_the_same_bits_in_any_batch(qtype, k):
+    """Rows long enough that the token blocks shrink (7 and 3 tokens at these K) and the
+    tiles take every size from 1 to 8: each token's result is bitwise the same computed
+    alone or among 29 others, and close to the float64 product."""
+    rng = np.random.default_rng(k + int(qtype))
+    n, T = 19, 30
+    raw = random_weight(qtype, n, k, rng)
+    w = qweight(_Tensor(raw, qtype, (k, n)), fast=True)
+    act = quants.activation_kind(qtype)
+    x = rng.standard_normal((T, k)).astype(np.float32)
+    together = poisoned((T, n))
+    linear_int(quantize(x, act), w, together)
+    for t in range(T):
+        alone = poisoned((1, n))
+        linear_int(quantize(x[t:t + 1], act), w, alone)
+        assert np.array_equal(alone[0], together[t]), t
+    ref = quants.round_activations(x, act).astype(np.float64) @ dequant_reference(raw, qtype).T
+    assert_close("matmul", ref, together)
+
+
+def test_exp32_is_within_5_ulp_and_handles_the_edges():
+    from numba_hybrid.cpu.simd import exp32
+    from numba_hybrid.cpu.jit import serial
+
+    @serial
+    def apply(x, out):
+        for i in range(x.size):
+            out[i] = exp32(x[i])
+
+    x = np.concatenate([np.linspace(-87.3, 88.7, 400_001),
+                        np.random.default_rng(0).standard_normal(100_000)]).astype(np.float32)
+    out = poisoned(x.shape)
+    apply(x, out)
+    ref = np.exp(x.astype(np.float64))
+    ulp = np.abs(out - ref) / np.spacing(ref.astype(np.float32)).astype(np.float64)
+    assert ulp.max() <= 5.0, (x[np.argmax(ulp)], ulp.max())
+    edges = np.array([np.nan, np.inf, -np.inf, 89.0, -88.0, -200.0, 0.0], np.float32)
+    out = poisoned(edges.shape)
+    apply(edges, out)
+    assert np.isnan(out[0]) and out[1] == np.inf and out[2] == 0.0 and out[3] == np.inf
+    assert out[4] == 0.0 and out[5] == 0.0 and out[6] == 1.0
