@@ -1,10 +1,10 @@
 """First-run compilation of the CPU kernels: know whether it is needed, and do it up front.
 
-Numba compiles each kernel on its first call and caches the machine code on disk (keyed by
-the kernel's source file and the CPU), so only the first run on a machine, or after the
-package changes, pays the compile time. A stamp file beside that cache records that a
-model of this precision ran once with the current sources, numba and CPU; the command line
-uses it to announce the one-time compilation instead of sitting silent for a minute.
+Numba compiles each kernel on its first call and caches the machine code on disk (in a
+directory per version of the kernel sources, see jit.py), so only the first run on a
+machine, or after the package changes, pays the compile time. A stamp file in that cache
+records that a model of this precision ran once with these sources, numba and CPU; the
+command line uses it to announce the one-time compilation instead of sitting silent.
 """
 
 from __future__ import annotations
@@ -18,10 +18,9 @@ import numba
 
 def _stamp(precision: str) -> Path:
     from . import matmul
+    from .jit import SOURCES_DIGEST
 
-    here = Path(__file__).parent
-    sources = sorted((p.name, p.stat().st_mtime_ns) for p in here.glob("*.py"))
-    key = repr((sources, numba.__version__, llvm.get_host_cpu_name(),
+    key = repr((SOURCES_DIGEST, numba.__version__, llvm.get_host_cpu_name(),
                 llvm.get_host_cpu_features().flatten(), precision))
     digest = hashlib.sha1(key.encode()).hexdigest()[:16]
     return Path(matmul.matmul._cache._cache_path) / f"numba_hybrid-{digest}.compiled"
