@@ -13,8 +13,9 @@ What is measured, per model file, with the same thread count for both engines:
   over the bytes of weights one token reads (from the GGUF tensor sizes: every tensor, the
   routed experts scaled by n_expert_used / n_expert, the token embedding one row only
   unless it is also the output matrix);
-- load time (from the start of loading to a model ready to decode, kernels compiled on
-  first use excluded) and resident memory (VmRSS) after loading and after the runs.
+- load time (from the start of loading to a model ready to decode, with the file in the
+  page cache, kernels compiled on first use excluded) and resident memory (VmRSS) after
+  loading and after the runs.
 
 Both engines get the same batches through the same code (``measure``): fixed token ids,
 nothing sampled, logits of the last token of each sequence only. llama.cpp is driven
@@ -111,6 +112,15 @@ def token_ids(n_vocab: int) -> np.ndarray:
 
 # ---- one engine, one repetition (run in a subprocess) ---------------------------------
 
+def read_through(path: str) -> None:
+    """Read the file once so that both engines load it from the page cache: load times
+    then measure the engines, not the disk (llama.cpp maps the file lazily, so a cold
+    cache would be paid by whoever reads the weights first)."""
+    with open(path, "rb") as f:
+        while f.read(1 << 26):
+            pass
+
+
 def worker_ours(path: str, threads: int, precision: str, rep: int) -> dict:
     import numba_hybrid as nh
     import numba_hybrid.cpu.forward  # noqa: F401  (libraries imported before the clock, as the peer's)
@@ -119,6 +129,7 @@ def worker_ours(path: str, threads: int, precision: str, rep: int) -> dict:
         return nh.load(path, device="cpu", n_slots=n_slots, n_ctx=N_CTX, threads=threads,
                        precision=precision)
 
+    read_through(path)
     t = time.perf_counter()
     m = load(N_SEQ)
     r = {"load": time.perf_counter() - t, "rss_load": rss_mb(),
@@ -145,6 +156,7 @@ def worker_ours(path: str, threads: int, precision: str, rep: int) -> dict:
 def worker_peer(path: str, threads: int) -> dict:
     from peer_llama import LlamaPeer
 
+    read_through(path)
     t = time.perf_counter()
     p = LlamaPeer(path, n_seq=N_SEQ, n_ctx_seq=N_CTX, n_batch=N_BATCH, threads=threads)
     r = {"load": time.perf_counter() - t, "rss_load": rss_mb()}
