@@ -340,69 +340,6 @@ def repack_int_q4_k(raw: np.ndarray):
     return (out.reshape(raw.shape[:-1] + (-1,)),)
 
 
-@helper
-def tile_q8_0(raw, x, xd, tok, i0, n, out, r):
-    """out[i0 + j, r] = Q8_0 row (the file's bytes) . x[tok[i0 + j]] for j < n <= 8."""
-    if n == 8:
-        simd.Q8_0_8(raw, x, xd, tok, i0, out, r)
-    elif n == 7:
-        simd.Q8_0_7(raw, x, xd, tok, i0, out, r)
-    elif n == 6:
-        simd.Q8_0_6(raw, x, xd, tok, i0, out, r)
-    elif n == 5:
-        simd.Q8_0_5(raw, x, xd, tok, i0, out, r)
-    elif n == 4:
-        simd.Q8_0_4(raw, x, xd, tok, i0, out, r)
-    elif n == 3:
-        simd.Q8_0_3(raw, x, xd, tok, i0, out, r)
-    elif n == 2:
-        simd.Q8_0_2(raw, x, xd, tok, i0, out, r)
-    else:
-        simd.Q8_0_1(raw, x, xd, tok, i0, out, r)
-
-
-@helper
-def tile_q6_k(qs, sc, d, x, xd, tok, i0, n, out, r):
-    """The same for a Q6_K row (repack_int_q6_k)."""
-    if n == 8:
-        simd.Q6_K_8(qs, sc, d, x, xd, tok, i0, out, r)
-    elif n == 7:
-        simd.Q6_K_7(qs, sc, d, x, xd, tok, i0, out, r)
-    elif n == 6:
-        simd.Q6_K_6(qs, sc, d, x, xd, tok, i0, out, r)
-    elif n == 5:
-        simd.Q6_K_5(qs, sc, d, x, xd, tok, i0, out, r)
-    elif n == 4:
-        simd.Q6_K_4(qs, sc, d, x, xd, tok, i0, out, r)
-    elif n == 3:
-        simd.Q6_K_3(qs, sc, d, x, xd, tok, i0, out, r)
-    elif n == 2:
-        simd.Q6_K_2(qs, sc, d, x, xd, tok, i0, out, r)
-    else:
-        simd.Q6_K_1(qs, sc, d, x, xd, tok, i0, out, r)
-
-
-@helper
-def tile_q4_k(w, x, xd, xs, tok, i0, n, out, r):
-    """The same for a Q4_K row (repack_int_q4_k); xs: the activations' 32-block sums."""
-    if n == 8:
-        simd.Q4_K_8(w, x, xd, xs, tok, i0, out, r)
-    elif n == 7:
-        simd.Q4_K_7(w, x, xd, xs, tok, i0, out, r)
-    elif n == 6:
-        simd.Q4_K_6(w, x, xd, xs, tok, i0, out, r)
-    elif n == 5:
-        simd.Q4_K_5(w, x, xd, xs, tok, i0, out, r)
-    elif n == 4:
-        simd.Q4_K_4(w, x, xd, xs, tok, i0, out, r)
-    elif n == 3:
-        simd.Q4_K_3(w, x, xd, xs, tok, i0, out, r)
-    elif n == 2:
-        simd.Q4_K_2(w, x, xd, xs, tok, i0, out, r)
-    else:
-        simd.Q4_K_1(w, x, xd, xs, tok, i0, out, r)
-
-
 # One kernel per type (their weight arguments differ in number and type); the loop nest is
 # the same: row blocks over threads, tokens in blocks of TB, then tiles of simd.TILE.
 
@@ -417,7 +354,7 @@ def matmul_int_q8_0(x, xd, raw, out):
             t1 = min(T, t0 + tb)
             for r in range(b * RB, min(N, b * RB + RB)):
                 for i0 in range(t0, t1, simd.TILE):
-                    tile_q8_0(raw[r], x, xd, tok, i0, min(simd.TILE, t1 - i0), out, r)
+                    simd.q8_0(raw[r], x, xd, tok, i0, min(simd.TILE, t1 - i0), out, r)
 
 
 @kernel
@@ -431,7 +368,7 @@ def matmul_int_q6_k(x, xd, qs, sc, d, out):
             t1 = min(T, t0 + tb)
             for r in range(b * RB, min(N, b * RB + RB)):
                 for i0 in range(t0, t1, simd.TILE):
-                    tile_q6_k(qs[r], sc[r], d[r], x, xd, tok, i0, min(simd.TILE, t1 - i0), out, r)
+                    simd.q6_k(qs[r], sc[r], d[r], x, xd, tok, i0, min(simd.TILE, t1 - i0), out, r)
 
 
 @kernel
@@ -445,4 +382,4 @@ def matmul_int_q4_k(x, xd, xs, w, out):
             t1 = min(T, t0 + tb)
             for r in range(b * RB, min(N, b * RB + RB)):
                 for i0 in range(t0, t1, simd.TILE):
-                    tile_q4_k(w[r], x, xd, xs, tok, i0, min(simd.TILE, t1 - i0), out, r)
+                    simd.q4_k(w[r], x, xd, xs, tok, i0, min(simd.TILE, t1 - i0), out, r)

@@ -13,7 +13,7 @@ import numpy as np
 from . import simd
 from .dequant import dequant_row
 from .jit import kernel, prange
-from .matmul import RB, dot, dot_i8, dot_q4, tile_q4_k, tile_q6_k, tile_q8_0
+from .matmul import RB, dot, dot_i8, dot_q4
 from .simd import exp32
 
 
@@ -162,7 +162,7 @@ def expert_matmul_int_q8_0(x, xd, src, raw, exp_start, tasks, out):
         p0, p1 = exp_start[e], exp_start[e + 1]
         for r in range(b * RB, min(N, b * RB + RB)):
             for i0 in range(p0, p1, simd.TILE):
-                tile_q8_0(raw[e, r], x, xd, src, i0, min(simd.TILE, p1 - i0), out, r)
+                simd.q8_0(raw[e, r], x, xd, src, i0, min(simd.TILE, p1 - i0), out, r)
 
 
 @kernel
@@ -174,7 +174,7 @@ def expert_matmul_int_q6_k(x, xd, src, qs, sc, d, exp_start, tasks, out):
         p0, p1 = exp_start[e], exp_start[e + 1]
         for r in range(b * RB, min(N, b * RB + RB)):
             for i0 in range(p0, p1, simd.TILE):
-                tile_q6_k(qs[e, r], sc[e, r], d[e, r], x, xd, src, i0, min(simd.TILE, p1 - i0),
+                simd.q6_k(qs[e, r], sc[e, r], d[e, r], x, xd, src, i0, min(simd.TILE, p1 - i0),
                           out, r)
 
 
@@ -187,4 +187,4 @@ def expert_matmul_int_q4_k(x, xd, xs, src, w, exp_start, tasks, out):
         p0, p1 = exp_start[e], exp_start[e + 1]
         for r in range(b * RB, min(N, b * RB + RB)):
             for i0 in range(p0, p1, simd.TILE):
-                tile_q4_k(w[e, r], x, xd, xs, src, i0, min(simd.TILE, p1 - i0), out, r)
+                simd.q4_k(w[e, r], x, xd, xs, src, i0, min(simd.TILE, p1 - i0), out, r)

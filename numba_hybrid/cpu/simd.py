@@ -228,137 +228,146 @@ def _q4_k_mins(builder, n, K, w, xs, tok, i0):
     return out
 
 
-def _kernel(kind: str, n: int):
-    """codegen of the n-token kernel for ``kind`` (q4_k, q6_k, q8_0)."""
+_WEIGHT_ARGS = {"q8_0": 1, "q6_k": 3, "q4_k": 1}     # arrays before x in the signature
+
+
+def _kernel(kind: str):
+    """codegen of the kernel for ``kind`` (q4_k, q6_k, q8_0): a switch on the token count
+    n to the code for that many tokens (1 to TILE; anything else runs the 1-token code)."""
     def codegen(context, builder, sig, args):
         a = _Args(context, builder, sig, args)
-        if kind == "q8_0":
-            qs = a.data(0)
-            ix = 1
-        elif kind == "q6_k":
-            qs, sc, d = a.data(0), a.data(1), a.data(2)
-            ix = 3
-        else:
-            qs = a.data(0)
-            ix = 1
-        x, xd = a.data(ix), a.data(ix + 1)
-        if kind == "q4_k":
-            xs = a.data(ix + 2)
-            ix += 1
-        tok, i0, out, r = a.data(ix + 2), a.int64(ix + 3, sig), a.data(ix + 4), a.int64(ix + 5, sig)
-        out_stride = a.stride(ix + 4, 0)
-        K = a.dim(ix, 1) if kind != "q4_k" else a.dim(ix - 1, 1)
-
-        # K-quant super-blocks: each token's integer sums run in `chains` independent
-        # chains (fewer tokens, more chains, so one token is not bound by the latency of
-        # the multiply-adds), converted and added in float32. Every partial sum is below
-        # 2^24, so the conversions and adds are exact and the result is the same for any
-        # number of chains; the adds are float so that LLVM keeps the chains apart.
-        chains = 4 if n <= 2 else (2 if n <= 4 else 1)
-
-        def _combine(iaccs, dv):
-            out = []
-            for j in range(n):
-                f = builder.sitofp(iaccs[chains * j], V16F)
-                for c in range(1, chains):
-                    f = builder.fadd(f, builder.sitofp(iaccs[chains * j + c], V16F))
-                out.append((f, dv))
-            return out
-
-        def q4_k(sb, xrows):
-            iaccs = [ir.Constant(V16I, None)] * (chains * n)
-            low, four = ir.Constant(V32B, [15] * 32), ir.Constant(V32B, [4] * 32)
-            blk = builder.mul(sb, _c(Q4_K_BLOCK))
-            for line in range(0, Q4_K_BLOCK if n > 1 else 0, 64):
-                _prefetch(builder, qs, builder.add(blk, _c(PREFETCH + line)))
-            for g in range(4):
-                grp = builder.add(builder.mul(sb, _c(4)), _c(g))
-                q = _load(builder, qs, builder.add(blk, _c(20 + 32 * g)), V32B)
-                ws = []
-                for half, nib in enumerate((builder.and_(q, low), builder.lshr(q, four))):
-                    s = builder.zext(_scalar(builder, qs, builder.add(blk, _c(4 + 2 * g + half))),
-                                     I16)
-                    ws.append(builder.mul(builder.zext(nib, V32W), _splat(builder, s, V32W)))
-                for j in range(n):
-                    xo = builder.mul(grp, _c(64))
-                    xl = _load(builder, xrows[j], xo, V32W)
-                    xh = _load(builder, xrows[j], builder.add(xo, _c(32)), V32W)
-                    a = chains * j + g % chains
-                    iaccs[a] = builder.add(iaccs[a], builder.add(_madd(builder, ws[0], xl),
-                                                                 _madd(builder, ws[1], xh)))
-            return _combine(iaccs, _half(builder, qs, blk, 0))
-
-        def q6_k(sb, xrows):
-            iaccs = [ir.Constant(V16I, None)] * (chains * n)
-            for line in range(0, 256 if n > 1 else 0, 64):
-                _prefetch(builder, qs, builder.add(builder.mul(sb, _c(256)), _c(PREFETCH + line)))
-            for h in range(8):
-                step = builder.add(builder.mul(sb, _c(8)), _c(h))
-                q = builder.sext(_load(builder, qs, builder.mul(step, _c(32)), V32B), V32W)
-                s0 = builder.sext(_scalar(builder, sc, builder.mul(step, _c(2))), I16)
-                s1 = builder.sext(_scalar(builder, sc, builder.add(builder.mul(step, _c(2)),
-                                                                   _c(1))), I16)
-                w = builder.mul(q, _halves16(builder, s0, s1))
-                for j in range(n):
-                    xv = _load(builder, xrows[j], builder.mul(step, _c(32)), V32W)
-                    a = chains * j + h % chains
-                    iaccs[a] = builder.add(iaccs[a], _madd(builder, w, xv))
-            return _combine(iaccs, _scalar(builder, d, sb))
-
-        def q8_0(b, xrows):
-            # The file's 34-byte blocks in place: an f16 scale, then 32 int8 values.
-            blk = builder.mul(b, _c(34))
-            if n > 1:
-                _prefetch(builder, qs, builder.add(blk, _c(PREFETCH)))
-            w = builder.sext(_load(builder, qs, builder.add(blk, _c(2)), V32B), V32W)
-            half = builder.load(builder.bitcast(builder.gep(qs, [blk]), ir.HalfType().as_pointer()),
-                                align=1)
-            dv = builder.fpext(half, F32)
-            return [(builder.sitofp(_madd(builder, w, _load(builder, xrows[j],
-                                                            builder.mul(b, _c(32)), V32W)),
-                                    V16F), dv) for j in range(n)]
-
-        inner, step, n_acc = {"q4_k": (q4_k, 256, 1), "q6_k": (q6_k, 256, 1),
-                              "q8_0": (q8_0, 32, 2)}[kind]
-        sums = _tile(builder, n, K, x, xd, tok, i0, builder.udiv(K, _c(step)), step, inner, n_acc)
-        if kind == "q4_k":
-            mins = _q4_k_mins(builder, n, K, qs, xs, tok, i0)
-            sums = [builder.fsub(v, m) for v, m in zip(sums, mins)]
-        base = builder.bitcast(out, I8.as_pointer())
-        for j, v in enumerate(sums):
-            off = builder.add(builder.mul(builder.add(i0, _c(j)), out_stride),
-                              builder.mul(r, _c(4)))
-            builder.store(v, builder.bitcast(builder.gep(base, [off]), F32.as_pointer()))
+        ix = _WEIGHT_ARGS[kind]
+        n = a.int64(ix + (5 if kind == "q4_k" else 4), sig)
+        end = builder.append_basic_block("tile_end")
+        cases = {k: builder.append_basic_block(f"tile_{k}") for k in range(1, TILE + 1)}
+        switch = builder.switch(n, cases[1])
+        for k in range(2, TILE + 1):
+            switch.add_case(ir.Constant(I64, k), cases[k])
+        for k, block in cases.items():
+            builder.position_at_end(block)
+            _emit(context, builder, sig, a, kind, k)
+            builder.branch(end)
+        builder.position_at_end(end)
         return context.get_dummy_value()
     return codegen
 
 
-def _q8_0(n):
-    @intrinsic
-    def kernel(typingctx, raw, x, xd, tok, i0, out, r):
-        return types.none(raw, x, xd, tok, i0, out, r), _kernel("q8_0", n)
-    return kernel
+def _emit(context, builder, sig, a, kind, n):
+    """The n-token kernel for ``kind``."""
+    ix = _WEIGHT_ARGS[kind]
+    qs = a.data(0)
+    if kind == "q6_k":
+        sc, d = a.data(1), a.data(2)
+    x, xd = a.data(ix), a.data(ix + 1)
+    if kind == "q4_k":
+        xs = a.data(ix + 2)
+        ix += 1
+    tok, i0 = a.data(ix + 2), a.int64(ix + 3, sig)
+    out, r = a.data(ix + 5), a.int64(ix + 6, sig)
+    out_stride = a.stride(ix + 5, 0)
+    K = a.dim(_WEIGHT_ARGS[kind], 1)
+
+    # K-quant super-blocks: each token's integer sums run in `chains` independent
+    # chains (fewer tokens, more chains, so one token is not bound by the latency of
+    # the multiply-adds), converted and added in float32. Every partial sum is below
+    # 2^24, so the conversions and adds are exact and the result is the same for any
+    # number of chains; the adds are float so that LLVM keeps the chains apart.
+    chains = 4 if n <= 2 else (2 if n <= 4 else 1)
+
+    def _combine(iaccs, dv):
+        out = []
+        for j in range(n):
+            f = builder.sitofp(iaccs[chains * j], V16F)
+            for c in range(1, chains):
+                f = builder.fadd(f, builder.sitofp(iaccs[chains * j + c], V16F))
+            out.append((f, dv))
+        return out
+
+    def q4_k_step(sb, xrows):
+        iaccs = [ir.Constant(V16I, None)] * (chains * n)
+        low, four = ir.Constant(V32B, [15] * 32), ir.Constant(V32B, [4] * 32)
+        blk = builder.mul(sb, _c(Q4_K_BLOCK))
+        for line in range(0, Q4_K_BLOCK if n > 1 else 0, 64):
+            _prefetch(builder, qs, builder.add(blk, _c(PREFETCH + line)))
+        for g in range(4):
+            grp = builder.add(builder.mul(sb, _c(4)), _c(g))
+            q = _load(builder, qs, builder.add(blk, _c(20 + 32 * g)), V32B)
+            ws = []
+            for half, nib in enumerate((builder.and_(q, low), builder.lshr(q, four))):
+                s = builder.zext(_scalar(builder, qs, builder.add(blk, _c(4 + 2 * g + half))),
+                                 I16)
+                ws.append(builder.mul(builder.zext(nib, V32W), _splat(builder, s, V32W)))
+            for j in range(n):
+                xo = builder.mul(grp, _c(64))
+                xl = _load(builder, xrows[j], xo, V32W)
+                xh = _load(builder, xrows[j], builder.add(xo, _c(32)), V32W)
+                a = chains * j + g % chains
+                iaccs[a] = builder.add(iaccs[a], builder.add(_madd(builder, ws[0], xl),
+                                                             _madd(builder, ws[1], xh)))
+        return _combine(iaccs, _half(builder, qs, blk, 0))
+
+    def q6_k_step(sb, xrows):
+        iaccs = [ir.Constant(V16I, None)] * (chains * n)
+        for line in range(0, 256 if n > 1 else 0, 64):
+            _prefetch(builder, qs, builder.add(builder.mul(sb, _c(256)), _c(PREFETCH + line)))
+        for h in range(8):
+            step = builder.add(builder.mul(sb, _c(8)), _c(h))
+            q = builder.sext(_load(builder, qs, builder.mul(step, _c(32)), V32B), V32W)
+            s0 = builder.sext(_scalar(builder, sc, builder.mul(step, _c(2))), I16)
+            s1 = builder.sext(_scalar(builder, sc, builder.add(builder.mul(step, _c(2)),
+                                                               _c(1))), I16)
+            w = builder.mul(q, _halves16(builder, s0, s1))
+            for j in range(n):
+                xv = _load(builder, xrows[j], builder.mul(step, _c(32)), V32W)
+                a = chains * j + h % chains
+                iaccs[a] = builder.add(iaccs[a], _madd(builder, w, xv))
+        return _combine(iaccs, _scalar(builder, d, sb))
+
+    def q8_0_step(b, xrows):
+        # The file's 34-byte blocks in place: an f16 scale, then 32 int8 values.
+        blk = builder.mul(b, _c(34))
+        if n > 1:
+            _prefetch(builder, qs, builder.add(blk, _c(PREFETCH)))
+        w = builder.sext(_load(builder, qs, builder.add(blk, _c(2)), V32B), V32W)
+        half = builder.load(builder.bitcast(builder.gep(qs, [blk]), ir.HalfType().as_pointer()),
+                            align=1)
+        dv = builder.fpext(half, F32)
+        return [(builder.sitofp(_madd(builder, w, _load(builder, xrows[j],
+                                                        builder.mul(b, _c(32)), V32W)),
+                                V16F), dv) for j in range(n)]
+
+    inner, step, n_acc = {"q4_k": (q4_k_step, 256, 1), "q6_k": (q6_k_step, 256, 1),
+                          "q8_0": (q8_0_step, 32, 2)}[kind]
+    sums = _tile(builder, n, K, x, xd, tok, i0, builder.udiv(K, _c(step)), step, inner, n_acc)
+    if kind == "q4_k":
+        mins = _q4_k_mins(builder, n, K, qs, xs, tok, i0)
+        sums = [builder.fsub(v, m) for v, m in zip(sums, mins)]
+    base = builder.bitcast(out, I8.as_pointer())
+    for j, v in enumerate(sums):
+        off = builder.add(builder.mul(builder.add(i0, _c(j)), out_stride),
+                          builder.mul(r, _c(4)))
+        builder.store(v, builder.bitcast(builder.gep(base, [off]), F32.as_pointer()))
 
 
-def _q6_k(n):
-    @intrinsic
-    def kernel(typingctx, qs, sc, d, x, xd, tok, i0, out, r):
-        return types.none(qs, sc, d, x, xd, tok, i0, out, r), _kernel("q6_k", n)
-    return kernel
+# One kernel per type: out[i0 + j, r] = row r . x[tok[i0 + j]] for j < n <= TILE (the
+# caller passes the row's arrays and r).
+
+@intrinsic
+def q8_0(typingctx, raw, x, xd, tok, i0, n, out, r):
+    """A Q8_0 row (the file's bytes)."""
+    return types.none(raw, x, xd, tok, i0, n, out, r), _kernel("q8_0")
 
 
-def _q4_k(n):
-    @intrinsic
-    def kernel(typingctx, w, x, xd, xs, tok, i0, out, r):
-        return types.none(w, x, xd, xs, tok, i0, out, r), _kernel("q4_k", n)
-    return kernel
+@intrinsic
+def q6_k(typingctx, qs, sc, d, x, xd, tok, i0, n, out, r):
+    """A Q6_K row (matmul.repack_int_q6_k)."""
+    return types.none(qs, sc, d, x, xd, tok, i0, n, out, r), _kernel("q6_k")
 
 
-# One kernel per type and token count n: out[i0 + j, r] = row r . x[tok[i0 + j]], j < n
-# (the caller passes the row's arrays and r).
-Q8_0_1, Q8_0_2, Q8_0_3, Q8_0_4, Q8_0_5, Q8_0_6, Q8_0_7, Q8_0_8 = (_q8_0(n) for n in range(1, 9))
-Q6_K_1, Q6_K_2, Q6_K_3, Q6_K_4, Q6_K_5, Q6_K_6, Q6_K_7, Q6_K_8 = (_q6_k(n) for n in range(1, 9))
-Q4_K_1, Q4_K_2, Q4_K_3, Q4_K_4, Q4_K_5, Q4_K_6, Q4_K_7, Q4_K_8 = (_q4_k(n) for n in range(1, 9))
+@intrinsic
+def q4_k(typingctx, w, x, xd, xs, tok, i0, n, out, r):
+    """A Q4_K row (matmul.repack_int_q4_k); xs: the activations' 32-block sums."""
+    return types.none(w, x, xd, xs, tok, i0, n, out, r), _kernel("q4_k")
 
 
 # ---- exp -------------------------------------------------------------------------------------
