@@ -137,11 +137,11 @@ def matmul_i8(x, qs, d, shift, out):
 # their scale and min, so dhi is the same array as dlo and mhi as mlo. Costs: 0.75 bytes per
 # weight for all three (Q4_0 and Q4_1: 16 bytes of nibbles + 2 floats, d and 8*d or d and
 # -m, per 32 weights; Q4_K: 32 bytes + 4 floats per 64), against 0.5625 (Q4_0, Q4_K) and
-# 0.625 (Q4_1) in the file. Activations are split the same way once per call (xl, xh: the elements under the low
-# and high nibbles, [T, K/2]) with their sums per half group (sl, sh [T, K/(2G)]), so
-# w.x = sum(dl*n*x) - sum(ml * sum(x)) is one flat vectorised loop over the bytes. As in
-# dot_i8, the group shift must be a constant inside the loops: the kernels branch on it
-# outside them.
+# 0.625 (Q4_1) in the file. Activations are split the same way once per call (xl, xh: the
+# elements under the low and high nibbles, [T, K/2]) with their sums per half group (sl, sh
+# [T, K/(2G)]), so w.x = sum(dl*n*x) - sum(ml * sum(x)) is one flat vectorised loop over
+# the bytes. As in dot_i8, the group shift must be a constant inside the loops: the
+# kernels branch on it outside them.
 
 Q4_0_SHIFT = Q4_1_SHIFT = 4          # log2 of the group: 16 bytes (32 values)
 Q4_K_SHIFT = 5                       # 32 bytes (64 values)
