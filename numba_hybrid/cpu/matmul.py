@@ -11,7 +11,6 @@ does not depend on the rest of the batch (bitwise batch invariance).
 from __future__ import annotations
 
 import numpy as np
-from gguf import GGMLQuantizationType as QT
 
 from .dequant import F16_TABLE, dequant_row
 from .jit import helper, kernel, prange
@@ -76,23 +75,11 @@ def repack_q8_0(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
 
 
 def repack_q6_k(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
-    """Raw Q6_K rows uint8 [..., N, 210*K/256] -> (qs int8 [..., N, K], d [..., N, K/16], 4)."""
-    from ..quants import dequantize
-
-    lead = raw.shape[:-1]
-    blocks = raw.reshape(-1, 210)
-    scale = (blocks[:, 208:210].copy().view(np.float16).astype(np.float32)
-             * blocks[:, 192:208].view(np.int8).astype(np.float32))        # [blocks, 16]
-    q = np.empty((blocks.shape[0], 256), np.int8)
-    step = 1 << 14                                       # bounds the float32 temporary
-    for i in range(0, blocks.shape[0], step):
-        # The 6-bit values minus 32, in element order: dequantise with unit scales.
-        unit = blocks[i:i + step].copy()
-        unit[:, 192:208] = 1
-        unit[:, 208:210] = np.array([1.0], np.float16).view(np.uint8)
-        q[i:i + step] = dequantize(unit, QT.Q6_K).reshape(-1, 256)
-    return (q.reshape(lead + (-1,)), np.ascontiguousarray(scale).reshape(lead + (-1,)),
-            Q6_K_SHIFT)
+    """Raw Q6_K rows uint8 [..., N, 210*K/256] -> (qs int8 [..., N, K], d [..., N, K/16], 4):
+    repack_int_q6_k's values with each sub-block scale times its super-block's d."""
+    qs, sc, d = repack_int_q6_k(raw)
+    scale = d[..., None] * sc.reshape(d.shape + (16,)).astype(np.float32)
+    return qs, np.ascontiguousarray(scale.reshape(qs.shape[:-1] + (-1,))), Q6_K_SHIFT
 
 
 @helper
