@@ -18,8 +18,8 @@ from numba_hybrid.batch import plan_batch
 from numba_hybrid.cpu import attention as attn_k
 from numba_hybrid.cpu import conv as conv_k
 from numba_hybrid.cpu import deltanet as dn_k
-from numba_hybrid.cpu.forward import (REPACK_INT, expert_linear, expert_linear_int, linear,
-                                      linear_int, qweight, quantize)
+from numba_hybrid.cpu.forward import (REPACK_INT, expert_linear, expert_linear_int,
+                                      expert_tasks, linear, linear_int, qweight, quantize)
 from numba_hybrid.cpu import matmul as mm_k
 from numba_hybrid.cpu import moe as moe_k
 from numba_hybrid.cpu import norm as norm_k
@@ -133,19 +133,23 @@ def test_matmul(qtype, T, precision):
 @pytest.mark.parametrize("kind", [quants.ACT_Q8_0, quants.ACT_Q8_K], ids=["Q8_0", "Q8_K"])
 def test_quantize_activations(kind, T):
     """The integers and scales of the 8-bit blocks give exactly the rounded values of the
-    NumPy rounding, and the block sums are those values' sums."""
+    NumPy rounding, and the integer sums are those values' sums."""
     rng = np.random.default_rng(kind * 100 + T)
     k = 768
     x = (rng.standard_normal((T, k)) * rng.uniform(0.01, 10, (T, 1))).astype(np.float32)
     x[0, 256:512] = 0.0                      # an all-zero block (Q8_K: a whole super-block)
     x[-1, 5] = -40.0                         # a block whose largest magnitude is negative
-    xq = np.full((T, k), 999, np.int16)
-    xd, xs = poisoned((T, k // 32)), poisoned((T, k // 32))
-    quant_k.quantize_activations(x, kind, xq, xd, xs)
+    xq = np.full((T, k), 99, np.int8)
+    xd = poisoned((T, k // 32))
+    n16, n32 = np.full((T, k // 16), -999, np.int16), np.full((T, k // 32), -999, np.int16)
+    quant_k.quantize_int8(x, kind, xq, xd, n16, n32)
     rounded = quants.round_activations(x, kind)
     np.testing.assert_array_equal(xq.astype(np.float32) * np.repeat(xd, 32, axis=1), rounded)
-    sums = rounded.astype(np.float64).reshape(T, -1, 32).sum(-1)
-    np.testing.assert_allclose(xs, sums, rtol=1e-6, atol=1e-6 * np.abs(x).max())
+    # The rounded values' sums over 16 and 32, in units of the block scale.
+    with np.errstate(invalid="ignore", divide="ignore"):
+        units = np.rint(np.nan_to_num(rounded / np.repeat(xd, 32, axis=1))).astype(np.int64)
+    np.testing.assert_array_equal(n16, units.reshape(T, -1, 16).sum(-1))
+    np.testing.assert_array_equal(n32, units.reshape(T, -1, 32).sum(-1))
 
 
 @pytest.mark.parametrize("qtype", [QT.Q4_0, QT.Q4_1, QT.Q4_K], ids=lambda q: q.name)
@@ -365,7 +369,7 @@ def test_expert_matmul_int(qtype, T):
     experts = np.stack([rng.choice(E, k, replace=False) for _ in range(T)])
     src, exp_start, pair_of, counts = moe_k.group_pairs(experts, E, Fe)
     out = poisoned((T * k, Fe))
-    expert_linear_int(quantize(x, act), src, w, exp_start, moe_k.tasks_for(counts, Fe), out)
+    expert_linear_int(quantize(x, act), src, w, exp_start, expert_tasks(counts, w), out)
     xr = quants.round_activations(x, act).astype(np.float64)
     ref = np.stack([xr[t] @ dequant_reference(raw[e], qtype).T
                     for t, e in ((src[p], np.searchsorted(exp_start, p, "right") - 1)
@@ -376,11 +380,11 @@ def test_expert_matmul_int(qtype, T):
 @pytest.mark.parametrize("qtype", [QT.Q8_0, QT.Q6_K, QT.Q4_K], ids=lambda q: q.name)
 @pytest.mark.parametrize("k", [2304, 4352])
 def test_integer_kernels_give_every_token_the_same_bits_in_any_batch(qtype, k):
-    """Rows long enough that the token blocks shrink (7 and 3 tokens at these K) and the
-    tiles take every size from 1 to 8: each token's result is bitwise the same computed
-    alone or among 29 others, and close to the float64 product."""
+    """Three panels (the last partial), taken one and two per call, and tiles of every
+    size from 1 to 4 tokens: each token's result is bitwise the same computed alone or
+    among 29 others, and close to the float64 product."""
     rng = np.random.default_rng(k + int(qtype))
-    n, T = 19, 30
+    n, T = 40, 30
     raw = random_weight(qtype, n, k, rng)
     w = qweight(_Tensor(raw, qtype, (k, n)), fast=True)
     act = quants.activation_kind(qtype)

@@ -23,6 +23,7 @@ from . import deltanet as dn_k
 from . import matmul as mm_k
 from . import moe as moe_k
 from . import norm as norm_k
+from . import panels
 from . import quantize as quant_k
 
 L2_NORM_EPS = 1e-6
@@ -36,8 +37,9 @@ class QWeight:
     ``packed``: the load-time repacking its kernels read, or None for types read straight
     from ``raw`` by the generic dequantise-a-tile kernel. ``int_kernel`` tells which: False,
     the float32-activation layouts of matmul.repack_* (Q8_0, Q6_K, Q4_0, Q4_1, Q4_K; the last
-    element is the scale block's shift); True, the integer layouts of matmul.repack_int_*
-    (Q8_0, Q6_K, Q4_K in precision="fast"), which take 8-bit activations."""
+    element is the scale block's shift); True, the row panels of matmul.panel_* (Q8_0, Q6_K,
+    Q4_K in precision="fast": the panels and their type code), which take 8-bit
+    activations."""
 
     raw: np.ndarray
     qtype: int
@@ -55,8 +57,8 @@ INT8_PACKED = (int(QT.Q8_0), int(QT.Q6_K))
 Q4_PACKED = (int(QT.Q4_0), int(QT.Q4_1), int(QT.Q4_K))
 # Types with an integer kernel for 8-bit activations (precision="fast"); in that precision
 # the other types multiply the rounded activations in float32, with the same values.
-REPACK_INT = {int(QT.Q8_0): mm_k.repack_int_q8_0, int(QT.Q6_K): mm_k.repack_int_q6_k,
-              int(QT.Q4_K): mm_k.repack_int_q4_k}
+REPACK_INT = {int(QT.Q8_0): mm_k.panel_q8_0, int(QT.Q6_K): mm_k.panel_q6_k,
+              int(QT.Q4_K): mm_k.panel_q4_k}
 
 
 def qweight(t, repack: bool = True, fast: bool = False) -> QWeight:
@@ -95,36 +97,37 @@ def expert_linear(x, src, w: QWeight, exp_start, tasks, out) -> None:
 
 
 def quantize(x: np.ndarray, kind: int):
-    """Activations [T, K] -> ggml's 8-bit blocks of ``kind``: (xq, xd, xs), see
-    quantize.quantize_activations."""
+    """Activations [T, K] -> ggml's 8-bit blocks of ``kind``: (xq, xd, n16, n32), see
+    quantize.quantize_int8."""
     T, K = x.shape
-    xq = np.empty((T, K), np.int16)
+    xq = np.empty((T, K), np.int8)
     xd = np.empty((T, K // 32), np.float32)
-    xs = np.empty_like(xd)
-    quant_k.quantize_activations(x, kind, xq, xd, xs)
-    return xq, xd, xs
+    n16 = np.empty((T, K // 16), np.int16)
+    n32 = np.empty((T, K // 32), np.int16)
+    quant_k.quantize_int8(x, kind, xq, xd, n16, n32)
+    return xq, xd, n16, n32
 
 
 def linear_int(q, w: QWeight, out: np.ndarray) -> None:
-    """out [T, N] = the 8-bit activations q (quantize) @ W^T, W in an integer layout."""
-    xq, xd, xs = q
-    if w.qtype == int(QT.Q4_K):
-        mm_k.matmul_int_q4_k(xq, xd, xs, *w.packed, out)
-    elif w.qtype == int(QT.Q6_K):
-        mm_k.matmul_int_q6_k(xq, xd, *w.packed, out)
-    else:
-        mm_k.matmul_int_q8_0(xq, xd, *w.packed, out)
+    """out [T, N] = the 8-bit activations q (quantize) @ W^T, W in panels."""
+    mm_k.matmul_panels(*q, *w.packed, out)
+
+
+def expert_tasks(counts: np.ndarray, w: QWeight):
+    """The (expert, block) work list of expert_linear or expert_linear_int for w; for
+    panels, (tasks, panels per task)."""
+    if w.int_kernel:
+        wp, kind = w.packed
+        gp = panels.tile(kind, int(counts.max()))[0]
+        return moe_k.tasks_for(counts, wp.shape[1], gp), gp
+    return moe_k.tasks_for(counts, w.n_rows)
 
 
 def expert_linear_int(q, src, w: QWeight, exp_start, tasks, out) -> None:
-    """expert_linear on 8-bit activations, W in an integer layout."""
-    xq, xd, xs = q
-    if w.qtype == int(QT.Q4_K):
-        moe_k.expert_matmul_int_q4_k(xq, xd, xs, src, *w.packed, exp_start, tasks, out)
-    elif w.qtype == int(QT.Q6_K):
-        moe_k.expert_matmul_int_q6_k(xq, xd, src, *w.packed, exp_start, tasks, out)
-    else:
-        moe_k.expert_matmul_int_q8_0(xq, xd, src, *w.packed, exp_start, tasks, out)
+    """expert_linear on 8-bit activations, W in panels (tasks: expert_tasks)."""
+    wp, kind = w.packed
+    work, gp = tasks
+    moe_k.expert_matmul_panels(*q, src, wp, kind, gp, exp_start, work, out)
 
 
 def split_q4(x: np.ndarray, shift: int):
@@ -299,13 +302,14 @@ class CpuBackend:
         P = T * k
         gate = np.empty((P, a.n_ff_exp), np.float32)
         up = np.empty_like(gate)
-        tasks = moe_k.tasks_for(counts, a.n_ff_exp)
+        tasks = expert_tasks(counts, gate_w)      # the same for up unless its type differs
+        up_tasks = tasks if up_w.qtype == gate_w.qtype else expert_tasks(counts, up_w)
         self.expert_matmul(h, src, gate_w, exp_start, tasks, gate)
-        self.expert_matmul(h, src, up_w, exp_start, tasks, up)
+        self.expert_matmul(h, src, up_w, exp_start, up_tasks, up)
         norm_k.swiglu(gate, up, gate)
         y = np.empty((P, a.n_embd), np.float32)
         self.expert_matmul(gate, np.arange(P, dtype=np.int64), down_w, exp_start,
-                           moe_k.tasks_for(counts, a.n_embd), y)
+                           expert_tasks(counts, down_w), y)
         out = np.zeros((T, a.n_embd), np.float32)
         moe_k.combine(y, pair_of, weights, out)
         if "ffn_gate_shexp" in layer:

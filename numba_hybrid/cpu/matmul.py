@@ -14,7 +14,7 @@ import numpy as np
 
 from .dequant import F16_TABLE, dequant_row
 from .jit import helper, kernel, prange
-from . import simd
+from . import panels
 
 RB = 16
 
@@ -76,8 +76,8 @@ def repack_q8_0(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
 
 def repack_q6_k(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
     """Raw Q6_K rows uint8 [..., N, 210*K/256] -> (qs int8 [..., N, K], d [..., N, K/16], 4):
-    repack_int_q6_k's values with each sub-block scale times its super-block's d."""
-    qs, sc, d = repack_int_q6_k(raw)
+    unpack_q6_k's values with each sub-block scale times its super-block's d."""
+    qs, sc, d = unpack_q6_k(raw)
     scale = d[..., None] * sc.reshape(d.shape + (16,)).astype(np.float32)
     return qs, np.ascontiguousarray(scale.reshape(qs.shape[:-1] + (-1,))), Q6_K_SHIFT
 
@@ -241,28 +241,13 @@ def matmul_q4(xl, xh, sl, sh, qs, dlo, dhi, mlo, mhi, shift, out):
                                        xh[t], sl[t], sh[t])
 
 
-# ---- precision="fast": 8-bit activations times the weights, in integers ------------------
-
-L1_ACTIVATIONS = 32768    # bytes of int16 activations a token block keeps in L1
-
-
-@helper
-def token_block(K):
-    """Tokens per block for K-quant rows of K: as many as keep their activations in L1,
-    1 to 8 (measured at K = 4096, 8 tokens: Q4_K 255 -> 309 GFLOP/s with blocks of 4)."""
-    return max(1, min(simd.TILE, L1_ACTIVATIONS // (2 * K)))
+# ---- precision="fast": 8-bit activations times the weights, in integers -----------------
 #
-# quantize.quantize_activations gives x int16 [T, K] (the 8-bit values, widened once),
-# xd [T, K/32] and xs [T, K/32] (the rounded activations are xd * x; xs their 32-sums).
-# Weights are repacked at load for simd.py's kernels (repack_int_*); each call there takes
-# one row and up to simd.TILE tokens. Tasks as above: blocks of RB rows, tokens in blocks
-# of TB so their activations stay in cache while the rows pass.
-
-
-def repack_int_q8_0(raw: np.ndarray):
-    """Q8_0 needs no repacking: the kernel reads the file's blocks in place (no copy)."""
-    return (raw,)
-
+# quantize.quantize_int8 gives x int8 [T, K], xd [T, K/32] and the integer sums n16, n32.
+# Q8_0, Q4_K and Q6_K matrices are repacked at load into panels of 16 rows (panels.py);
+# each kernel call there takes a few panels and tokens (panels.tile). A task is a group of
+# panels that passes over all tokens, so its weights (~20-40 KB) stay in L1/L2 while the
+# tokens' activations stream past.
 
 @kernel
 def _unpack_q6_k(blocks, q, sc, d):
@@ -287,6 +272,9 @@ def _unpack_q6_k(blocks, q, sc, d):
         d[b] = F16_TABLE[np.int64(blk[208]) | (np.int64(blk[209]) << 8)]
 
 
+Q4_K_UNPACKED = 148     # bytes of a Q4_K super-block with its scales and mins unpacked
+
+
 @kernel
 def _unpack_q4_k(blocks, out):
     """Q4_K blocks uint8 [nb, 144] -> [nb, 148]: d, dmin (the file's f16 bytes), the eight
@@ -305,9 +293,9 @@ def _unpack_q4_k(blocks, out):
             o[20 + i] = blk[16 + i]
 
 
-def repack_int_q6_k(raw: np.ndarray):
-    """Raw Q6_K rows -> (qs int8 q - 32 [..., N, K], sc int8 [..., N, K/16], d f32
-    [..., N, K/256]), 1.08 bytes per weight (file: 0.82)."""
+def unpack_q6_k(raw: np.ndarray):
+    """Raw Q6_K rows -> their values and scales: (qs int8 q - 32 [..., N, K], sc int8
+    [..., N, K/16], d f32 [..., N, K/256])."""
     lead = raw.shape[:-1]
     blocks = raw.reshape(-1, 210)
     nb = blocks.shape[0]
@@ -317,56 +305,121 @@ def repack_int_q6_k(raw: np.ndarray):
     return q.reshape(shape), sc.reshape(shape), d.reshape(shape)
 
 
-def repack_int_q4_k(raw: np.ndarray):
-    """Raw Q4_K rows -> (uint8 [..., N, K/256 * 148],): super-blocks with the six-bit
-    scales and mins unpacked to bytes (simd.py's layout), 0.578 bytes per weight (file:
-    0.5625), one stream per matrix."""
-    blocks = raw.reshape(-1, 144)
-    out = np.empty((blocks.shape[0], simd.Q4_K_BLOCK), np.uint8)
-    _unpack_q4_k(blocks, out)
-    return (out.reshape(raw.shape[:-1] + (-1,)),)
-
-
-# One kernel per type (their weight arguments differ in number and type); the loop nest is
-# the same: row blocks over threads, tokens in blocks of TB, then tiles of simd.TILE.
-
 @kernel
-def matmul_int_q8_0(x, xd, raw, out):
-    """8-bit activations (quantize_activations) times Q8_0 rows as in the file -> out [T, N]."""
-    T, N = x.shape[0], raw.shape[0]
-    tok = np.arange(T)
-    tb = simd.TILE          # measured: Q8_0's per-token work gains more from full tiles
-    for b in prange((N + RB - 1) // RB):
-        for t0 in range(0, T, tb):
-            t1 = min(T, t0 + tb)
-            for r in range(b * RB, min(N, b * RB + RB)):
-                for i0 in range(t0, t1, simd.TILE):
-                    simd.q8_0(raw[r], x, xd, tok, i0, min(simd.TILE, t1 - i0), out, r)
+def _panel_q4_k(blocks, out):
+    """Q4_K blocks unpacked by _unpack_q4_k [M, N, nsb, 148] -> panels [M, G, nsb * 2368]."""
+    M, N, nsb = blocks.shape[0], blocks.shape[1], blocks.shape[2]
+    G = out.shape[1]
+    for task in prange(M * G):
+        m, g = task // G, task % G
+        for rr in range(min(panels.PANEL, N - g * panels.PANEL)):
+            for sb in range(nsb):
+                blk = blocks[m, g * panels.PANEL + rr, sb]
+                o = out[m, g, sb * 2368:(sb + 1) * 2368]
+                for i in range(2):
+                    o[2 * rr + i] = blk[i]
+                    o[32 + 2 * rr + i] = blk[2 + i]
+                for j in range(8):
+                    o[64 + 16 * j + rr] = blk[4 + j]
+                    o[192 + 32 * (j // 2) + 2 * rr + j % 2] = blk[12 + j]
+                    for s in range(8):
+                        for i in range(4):
+                            q = np.int64(blk[20 + 32 * (j // 2) + 4 * s + i])
+                            nib = (q >> (4 * (j % 2))) & 15
+                            o[320 + (4 * j + s // 2) * 64 + 4 * rr + i] |= nib << (4 * (s % 2))
 
 
 @kernel
-def matmul_int_q6_k(x, xd, qs, sc, d, out):
-    """8-bit activations times Q6_K (repack_int_q6_k) -> out [T, N]."""
-    T, N = x.shape[0], qs.shape[0]
-    tok = np.arange(T)
-    tb = token_block(x.shape[1])
-    for b in prange((N + RB - 1) // RB):
-        for t0 in range(0, T, tb):
-            t1 = min(T, t0 + tb)
-            for r in range(b * RB, min(N, b * RB + RB)):
-                for i0 in range(t0, t1, simd.TILE):
-                    simd.q6_k(qs[r], sc[r], d[r], x, xd, tok, i0, min(simd.TILE, t1 - i0), out, r)
+def _panel_q6_k(q, sc, d16, out):
+    """Q6_K unpacked by _unpack_q6_k (q - 32 int8 [M, N, nsb, 256], sc [M, N, nsb, 16], the
+    f16 bits of d [M, N, nsb]) -> panels [M, G, nsb * 3360]."""
+    M, N, nsb = q.shape[0], q.shape[1], q.shape[2]
+    G = out.shape[1]
+    for task in prange(M * G):
+        m, g = task // G, task % G
+        for rr in range(min(panels.PANEL, N - g * panels.PANEL)):
+            for sb in range(nsb):
+                r = g * panels.PANEL + rr
+                o = out[m, g, sb * 3360:(sb + 1) * 3360]
+                o[2 * rr] = d16[m, r, sb] & 255
+                o[2 * rr + 1] = d16[m, r, sb] >> 8
+                for u in range(16):
+                    o[32 + 16 * u + rr] = np.uint8(sc[m, r, sb, u] & 255)
+                    for s in range(4):
+                        for i in range(4):
+                            v = np.int32(q[m, r, sb, 16 * u + 4 * s + i]) + 32
+                            o[288 + (2 * u + s // 2) * 64 + 4 * rr + i] |= (v & 15) << (4 * (s % 2))
+                            o[2336 + 64 * u + 4 * rr + i] |= (v >> 4) << (2 * s)
 
 
 @kernel
-def matmul_int_q4_k(x, xd, xs, w, out):
-    """8-bit activations (xs: their 32-sums) times Q4_K (repack_int_q4_k) -> out [T, N]."""
-    T, N = x.shape[0], w.shape[0]
+def _panel_q8_0(blocks, out):
+    """Q8_0 blocks [M, N, nb, 34] -> panels [M, G, nb * 544] (weights + 128)."""
+    M, N, nb = blocks.shape[0], blocks.shape[1], blocks.shape[2]
+    G = out.shape[1]
+    for task in prange(M * G):
+        m, g = task // G, task % G
+        for rr in range(min(panels.PANEL, N - g * panels.PANEL)):
+            for b in range(nb):
+                blk = blocks[m, g * panels.PANEL + rr, b]
+                o = out[m, g, b * 544:(b + 1) * 544]
+                o[2 * rr] = blk[0]
+                o[2 * rr + 1] = blk[1]
+                for s in range(8):
+                    for i in range(4):
+                        o[32 + 64 * s + 4 * rr + i] = blk[2 + 4 * s + i] ^ 128
+
+
+def _panel_shape(raw: np.ndarray, kind: int):
+    """(M, N, blocks per row), and the panels' array shape, for raw rows [..., N, bytes]."""
+    N = raw.shape[-2]
+    M = int(np.prod(raw.shape[:-2], dtype=np.int64))
+    file_bytes = {panels.Q4_K: 144, panels.Q6_K: 210, panels.Q8_0: 34}[kind]
+    nb = raw.shape[-1] // file_bytes
+    G = (N + panels.PANEL - 1) // panels.PANEL
+    return (M, N, nb), raw.shape[:-2] + (G, nb * panels.BLOCK_BYTES[kind])
+
+
+def panel_q4_k(raw: np.ndarray):
+    """Raw Q4_K rows [..., N, bytes] -> (panels uint8 [..., G, bytes], panels.Q4_K)."""
+    (M, N, nb), shape = _panel_shape(raw, panels.Q4_K)
+    unpacked = np.empty((M * N * nb, Q4_K_UNPACKED), np.uint8)
+    _unpack_q4_k(raw.reshape(-1, 144), unpacked)
+    out = np.zeros((M,) + shape[-2:], np.uint8)
+    _panel_q4_k(unpacked.reshape(M, N, nb, -1), out)
+    return out.reshape(shape), panels.Q4_K
+
+
+def panel_q6_k(raw: np.ndarray):
+    """Raw Q6_K rows [..., N, bytes] -> (panels uint8 [..., G, bytes], panels.Q6_K)."""
+    (M, N, nb), shape = _panel_shape(raw, panels.Q6_K)
+    blocks = raw.reshape(-1, 210)
+    q = np.empty((blocks.shape[0], 256), np.int8)
+    sc = np.empty((blocks.shape[0], 16), np.int8)
+    d = np.empty(blocks.shape[0], np.float32)
+    _unpack_q6_k(blocks, q, sc, d)
+    d16 = blocks[:, 208:210].copy().view(np.uint16)[:, 0].astype(np.int32)
+    out = np.zeros((M,) + shape[-2:], np.uint8)
+    _panel_q6_k(q.reshape(M, N, nb, 256), sc.reshape(M, N, nb, 16), d16.reshape(M, N, nb), out)
+    return out.reshape(shape), panels.Q6_K
+
+
+def panel_q8_0(raw: np.ndarray):
+    """Raw Q8_0 rows [..., N, bytes] -> (panels uint8 [..., G, bytes], panels.Q8_0)."""
+    (M, N, nb), shape = _panel_shape(raw, panels.Q8_0)
+    out = np.zeros((M,) + shape[-2:], np.uint8)
+    _panel_q8_0(raw.reshape(M, N, nb, 34), out)
+    return out.reshape(shape), panels.Q8_0
+
+
+@kernel
+def matmul_panels(x, xd, n16, n32, wp, kind, out):
+    """8-bit activations (quantize.quantize_int8) times a matrix in panels -> out [T, N]."""
+    T, G = x.shape[0], wp.shape[0]
     tok = np.arange(T)
-    tb = token_block(x.shape[1])
-    for b in prange((N + RB - 1) // RB):
-        for t0 in range(0, T, tb):
-            t1 = min(T, t0 + tb)
-            for r in range(b * RB, min(N, b * RB + RB)):
-                for i0 in range(t0, t1, simd.TILE):
-                    simd.q4_k(w[r], x, xd, xs, tok, i0, min(simd.TILE, t1 - i0), out, r)
+    gp, tp = panels.tile(kind, T)
+    for b in prange((G + gp - 1) // gp):
+        g0 = b * gp
+        ng = min(gp, G - g0)
+        for i0 in range(0, T, tp):
+            panels.panel_tile(kind, wp, x, xd, n16, n32, tok, i0, min(tp, T - i0), g0, ng, out)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import simd
+from . import panels
 from .dequant import dequant_row
 from .jit import kernel, prange
 from .matmul import RB, dot, dot_i8, dot_q4
@@ -110,9 +110,11 @@ def group_pairs(experts: np.ndarray, n_expert: int, n_rows: int):
     return src, exp_start, pair_of.reshape(T, k), counts
 
 
-def tasks_for(counts: np.ndarray, n_rows: int) -> np.ndarray:
+def tasks_for(counts: np.ndarray, n_rows: int, block: int = RB) -> np.ndarray:
+    """(expert, row block) tasks for the experts with tokens: blocks of ``block`` rows
+    (or of panels) out of ``n_rows``."""
     used = np.flatnonzero(counts)
-    nb = (n_rows + RB - 1) // RB
+    nb = (n_rows + block - 1) // block
     tasks = np.empty((used.size * nb, 2), np.int64)
     tasks[:, 0] = np.repeat(used, nb)
     tasks[:, 1] = np.tile(np.arange(nb), used.size)
@@ -150,41 +152,20 @@ def expert_matmul_q4(xl, xh, sl, sh, src, qs, dlo, dhi, mlo, mhi, shift, exp_sta
                                    xl[t], xh[t], sl[t], sh[t])
 
 
-# precision="fast": 8-bit activations (quantize_activations) times experts repacked by
-# matmul.repack_int_*; the pairs of an expert are its tokens, in tiles of simd.TILE.
+# precision="fast": 8-bit activations (quantize.quantize_int8) times experts in panels
+# (panels.py); a task is one expert's group of panels, over that expert's tokens.
 
 @kernel
-def expert_matmul_int_q8_0(x, xd, src, raw, exp_start, tasks, out):
-    """expert_matmul for Q8_0 experts (rows as in the file) on 8-bit activations."""
-    N = raw.shape[1]
+def expert_matmul_panels(x, xd, n16, n32, src, wp, kind, gp, exp_start, tasks, out):
+    """expert_matmul for experts in panels (wp uint8 [E, G, bytes]), on 8-bit activations;
+    tasks from tasks_for(counts, G, gp), gp panels per task."""
+    G = wp.shape[1]
+    tp = panels.tile(kind, 2)[1]
     for i in prange(tasks.shape[0]):
         e, b = tasks[i, 0], tasks[i, 1]
         p0, p1 = exp_start[e], exp_start[e + 1]
-        for r in range(b * RB, min(N, b * RB + RB)):
-            for i0 in range(p0, p1, simd.TILE):
-                simd.q8_0(raw[e, r], x, xd, src, i0, min(simd.TILE, p1 - i0), out, r)
-
-
-@kernel
-def expert_matmul_int_q6_k(x, xd, src, qs, sc, d, exp_start, tasks, out):
-    """expert_matmul for Q6_K experts on 8-bit activations."""
-    N = qs.shape[1]
-    for i in prange(tasks.shape[0]):
-        e, b = tasks[i, 0], tasks[i, 1]
-        p0, p1 = exp_start[e], exp_start[e + 1]
-        for r in range(b * RB, min(N, b * RB + RB)):
-            for i0 in range(p0, p1, simd.TILE):
-                simd.q6_k(qs[e, r], sc[e, r], d[e, r], x, xd, src, i0, min(simd.TILE, p1 - i0),
-                          out, r)
-
-
-@kernel
-def expert_matmul_int_q4_k(x, xd, xs, src, w, exp_start, tasks, out):
-    """expert_matmul for Q4_K experts on 8-bit activations."""
-    N = w.shape[1]
-    for i in prange(tasks.shape[0]):
-        e, b = tasks[i, 0], tasks[i, 1]
-        p0, p1 = exp_start[e], exp_start[e + 1]
-        for r in range(b * RB, min(N, b * RB + RB)):
-            for i0 in range(p0, p1, simd.TILE):
-                simd.q4_k(w[e, r], x, xd, xs, src, i0, min(simd.TILE, p1 - i0), out, r)
+        g0 = b * gp
+        ng = min(gp, G - g0)
+        for i0 in range(p0, p1, tp):
+            panels.panel_tile(kind, wp[e], x, xd, n16, n32, src, i0, min(tp, p1 - i0), g0, ng,
+                              out)

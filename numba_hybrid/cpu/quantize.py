@@ -93,10 +93,10 @@ def _amax(v):
 
 
 @vector
-def quantize_activations(x, kind, xq, xd, xs):
-    """x float32 [T, K] -> the integers and scales of ggml's 8-bit activation blocks:
-    xq int16 [T, K] (the 8-bit values, widened), xd [T, K/32] (Q8_K's per-256 scale
-    repeated for each 32), and xs [T, K/32], each 32-block's sum of rounded values.
+def quantize_int8(x, kind, xq, xd, n16, n32):
+    """x float32 [T, K] -> ggml's 8-bit activation blocks for the panel kernels: xq int8
+    [T, K], xd [T, K/32] (Q8_K's per-256 scale repeated for each 32), and the integer sums
+    of the 8-bit values over each 16 and 32, n16 int16 [T, K/16] and n32 [T, K/32].
     ``xd * xq`` is exactly what round_activations gives. kind is ACT_Q8_0 or ACT_Q8_K."""
     T, K = x.shape
     for t in numba.prange(T):
@@ -106,14 +106,15 @@ def quantize_activations(x, kind, xq, xd, xs):
                 v = xt[b * 32:b * 32 + 32]
                 amax = _amax(v)
                 inv = np.float32(127.0) / amax if amax > 0 else np.float32(0.0)
-                d = f16_round(amax / np.float32(127.0))
-                n = 0
-                for j in range(32):
-                    q = np.int32(np.rint(v[j] * inv))
-                    xq[t, b * 32 + j] = q
-                    n += q
-                xd[t, b] = d
-                xs[t, b] = d * np.float32(n)
+                xd[t, b] = f16_round(amax / np.float32(127.0))
+                for h in range(2):
+                    n = 0
+                    for j in range(16 * h, 16 * h + 16):
+                        q = np.int32(np.rint(v[j] * inv))
+                        xq[t, b * 32 + j] = q
+                        n += q
+                    n16[t, 2 * b + h] = n
+                n32[t, b] = n16[t, 2 * b] + n16[t, 2 * b + 1]
         else:  # ACT_Q8_K
             for b in range(K // 256):
                 v = xt[b * 256:b * 256 + 256]
@@ -125,11 +126,13 @@ def quantize_activations(x, kind, xq, xd, xs):
                         break
                 s = np.float32(-127.0) / m if amax > 0 else np.float32(0.0)
                 d = np.float32(1.0) / s if amax > 0 else np.float32(0.0)
-                for c in range(8):
+                for c in range(16):
                     n = 0
-                    for j in range(c * 32, c * 32 + 32):
+                    for j in range(c * 16, c * 16 + 16):
                         q = np.int32(min(np.float32(127.0), np.rint(v[j] * s)))
                         xq[t, b * 256 + j] = q
                         n += q
+                    n16[t, b * 16 + c] = n
+                for c in range(8):
                     xd[t, b * 8 + c] = d
-                    xs[t, b * 8 + c] = d * np.float32(n)
+                    n32[t, b * 8 + c] = n16[t, b * 16 + 2 * c] + n16[t, b * 16 + 2 * c + 1]
