@@ -57,8 +57,8 @@ INT8_PACKED = (int(QT.Q8_0), int(QT.Q6_K))
 Q4_PACKED = (int(QT.Q4_0), int(QT.Q4_1), int(QT.Q4_K))
 # Types with an integer kernel for 8-bit activations (precision="fast"); in that precision
 # the other types multiply the rounded activations in float32, with the same values.
-REPACK_INT = {int(QT.Q8_0): mm_k.panel_q8_0, int(QT.Q6_K): mm_k.panel_q6_k,
-              int(QT.Q4_K): mm_k.panel_q4_k}
+REPACK_INT = {int(QT.Q8_0): panels.Q8_0, int(QT.Q6_K): panels.Q6_K,
+              int(QT.Q4_K): panels.Q4_K}        # their panel type codes
 
 
 def qweight(t, repack: bool = True, fast: bool = False) -> QWeight:
@@ -69,7 +69,8 @@ def qweight(t, repack: bool = True, fast: bool = False) -> QWeight:
     qtype = int(t.qtype)
     kind = activation_kind(t.qtype)
     if repack and fast and qtype in REPACK_INT:
-        return QWeight(raw, qtype, lead[-1], int(t.ne[0]), kind, REPACK_INT[qtype](raw), True)
+        return QWeight(raw, qtype, lead[-1], int(t.ne[0]), kind,
+                       mm_k.panels_of(raw, REPACK_INT[qtype]), True)
     packed = REPACK[qtype](raw) if repack and qtype in REPACK else None
     return QWeight(raw, qtype, lead[-1], int(t.ne[0]), kind, packed)
 
@@ -166,30 +167,45 @@ FUSED = (("attn_qkv", "attn_gate", "ssm_beta", "ssm_alpha"), ("attn_q", "attn_k"
          ("ffn_gate_exps", "ffn_up_exps"))
 
 
-def fuse(layer: dict, names: list) -> None:
-    """Fuse the runs of consecutive matrices in ``names`` that are panels of one type and
-    row length (all but the last of a run a whole number of panels): the run's panels are
-    concatenated into one matrix, ``layer["fused"][name] = (matrix, first row, end row)``
-    for each member, and the members' own entries are dropped."""
-    i = 0
-    while i < len(names):
-        j = i + 1
-        first = layer[names[i]]
-        while (j < len(names) and first.int_kernel and layer[names[j]].int_kernel
-               and layer[names[j]].qtype == first.qtype
-               and layer[names[j]].row_len == first.row_len
-               and layer[names[j - 1]].n_rows % panels.PANEL == 0):
+def fusable_runs(tensors: dict, names, fast: bool) -> list:
+    """The runs of consecutive matrices among ``names`` (those present) that fast precision
+    turns into panels of one type and row length, all but the last of a run a whole number
+    of panels: each run of two or more is fused into one product."""
+    present = [n for n in names if n in tensors]
+    runs, i = [], 0
+    while i < len(present):
+        first, j = tensors[present[i]], i + 1
+        while (fast and int(first.qtype) in REPACK_INT and j < len(present)
+               and tensors[present[j]].qtype == first.qtype
+               and tensors[present[j]].ne[0] == first.ne[0]
+               and tuple(tensors[present[j]].ne[2:]) == tuple(first.ne[2:])
+               and int(tensors[present[j - 1]].ne[1]) % panels.PANEL == 0):
             j += 1
         if j - i > 1:
-            run = [layer.pop(n) for n in names[i:j]]
-            wp = np.concatenate([w.packed[0] for w in run], axis=-2)
-            rows = [w.n_rows for w in run]
-            fused = QWeight(first.raw, first.qtype, sum(rows), first.row_len, first.act,
-                            (wp, first.packed[1]), True)
-            edges = np.cumsum([0] + rows)
-            for n, a, b in zip(names[i:j], edges[:-1], edges[1:]):
-                layer["fused"][n] = (fused, int(a), int(b))
+            runs.append(present[i:j])
         i = j
+    return runs
+
+
+def fused_qweight(ts: list) -> tuple[QWeight, list]:
+    """One QWeight for the matrices ts (a fusable run), their panels written straight into
+    one buffer; and each member's (first row, end row)."""
+    raws = [np.ascontiguousarray(t.data).view(np.uint8).reshape(tuple(reversed(t.ne))[:-1]
+                                                                + (-1,)) for t in ts]
+    qtype = int(ts[0].qtype)
+    kind = REPACK_INT[qtype]
+    shapes = [mm_k.panel_shape(r, kind) for r in raws]
+    total = shapes[0][:-2] + (sum(sh[-2] for sh in shapes), shapes[0][-1])
+    out = (np.zeros if raws[-1].shape[-2] % panels.PANEL else np.empty)(total, np.uint8)
+    g0 = 0
+    for raw, sh in zip(raws, shapes):
+        mm_k.panels_into(raw, kind, out, g0)
+        g0 += sh[-2]
+    rows = [r.shape[-2] for r in raws]
+    edges = np.cumsum([0] + rows)
+    w = QWeight(raws[0], qtype, int(edges[-1]), int(ts[0].ne[0]), activation_kind(ts[0].qtype),
+                (out, kind), True)
+    return w, [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
 
 
 def vector(t) -> np.ndarray:
@@ -218,7 +234,13 @@ class CpuBackend:
     @staticmethod
     def _prepare(layer, fast: bool) -> dict:
         out = {"kind": layer.kind, "fused": {}}
+        for run in (r for names in FUSED for r in fusable_runs(layer.tensors, names, fast)):
+            w, edges = fused_qweight([layer.tensors[n] for n in run])
+            for name, (a, b) in zip(run, edges):
+                out["fused"][name] = (w, a, b)
         for name, t in layer.tensors.items():
+            if name in out["fused"]:
+                continue
             is_matrix = len(t.ne) >= 2 and name != "ssm_conv1d"
             if is_matrix:
                 out[name] = qweight(t, fast=fast)
@@ -226,8 +248,6 @@ class CpuBackend:
                 out[name] = np.ascontiguousarray(np.asarray(t.data, np.float32).T)  # [Kc, C]
             else:
                 out[name] = vector(t)
-        for names in FUSED:
-            fuse(out, [n for n in names if n in out])
         return out
 
     def matmuls(self, x, layer, names) -> list:

@@ -305,111 +305,123 @@ def unpack_q6_k(raw: np.ndarray):
     return q.reshape(shape), sc.reshape(shape), d.reshape(shape)
 
 
-@kernel
-def _panel_q4_k(blocks, out):
-    """Q4_K blocks unpacked by _unpack_q4_k [M, N, nsb, 148] -> panels [M, G, nsb * 2368]."""
-    M, N, nsb = blocks.shape[0], blocks.shape[1], blocks.shape[2]
-    G = out.shape[1]
-    for task in prange(M * G):
-        m, g = task // G, task % G
-        for rr in range(min(panels.PANEL, N - g * panels.PANEL)):
-            for sb in range(nsb):
-                blk = blocks[m, g * panels.PANEL + rr, sb]
-                o = out[m, g, sb * 2368:(sb + 1) * 2368]
-                for i in range(2):
-                    o[2 * rr + i] = blk[i]
-                    o[32 + 2 * rr + i] = blk[2 + i]
-                for j in range(8):
-                    o[64 + 16 * j + rr] = blk[4 + j]
-                    o[192 + 32 * (j // 2) + 2 * rr + j % 2] = blk[12 + j]
-                    for s in range(8):
-                        for i in range(4):
-                            q = np.int64(blk[20 + 32 * (j // 2) + 4 * s + i])
-                            nib = (q >> (4 * (j % 2))) & 15
-                            o[320 + (4 * j + s // 2) * 64 + 4 * rr + i] |= nib << (4 * (s % 2))
+# The panel repacking reads the file's blocks directly and moves 4 weights (one step of one
+# row) per 32-bit word: ``out32`` is the panels' buffer viewed as uint32.
+
+@helper
+def _word(a, i):
+    """The little-endian uint32 at byte i of a uint8 array."""
+    return (np.uint32(a[i]) | (np.uint32(a[i + 1]) << 8) | (np.uint32(a[i + 2]) << 16)
+            | (np.uint32(a[i + 3]) << 24))
 
 
 @kernel
-def _panel_q6_k(q, sc, d16, out):
-    """Q6_K unpacked by _unpack_q6_k (q - 32 int8 [M, N, nsb, 256], sc [M, N, nsb, 16], the
-    f16 bits of d [M, N, nsb]) -> panels [M, G, nsb * 3360]."""
-    M, N, nsb = q.shape[0], q.shape[1], q.shape[2]
-    G = out.shape[1]
-    for task in prange(M * G):
-        m, g = task // G, task % G
-        for rr in range(min(panels.PANEL, N - g * panels.PANEL)):
-            for sb in range(nsb):
-                r = g * panels.PANEL + rr
-                o = out[m, g, sb * 3360:(sb + 1) * 3360]
-                o[2 * rr] = d16[m, r, sb] & 255
-                o[2 * rr + 1] = d16[m, r, sb] >> 8
-                for u in range(16):
-                    o[32 + 16 * u + rr] = np.uint8(sc[m, r, sb, u] & 255)
-                    for s in range(4):
-                        for i in range(4):
-                            v = np.int32(q[m, r, sb, 16 * u + 4 * s + i]) + 32
-                            o[288 + (2 * u + s // 2) * 64 + 4 * rr + i] |= (v & 15) << (4 * (s % 2))
-                            o[2336 + 64 * u + 4 * rr + i] |= (v >> 4) << (2 * s)
-
-
-@kernel
-def _panel_q8_0(blocks, out):
-    """Q8_0 blocks [M, N, nb, 34] -> panels [M, G, nb * 544] (weights + 128)."""
-    M, N, nb = blocks.shape[0], blocks.shape[1], blocks.shape[2]
-    G = out.shape[1]
-    for task in prange(M * G):
-        m, g = task // G, task % G
-        for rr in range(min(panels.PANEL, N - g * panels.PANEL)):
-            for b in range(nb):
-                blk = blocks[m, g * panels.PANEL + rr, b]
-                o = out[m, g, b * 544:(b + 1) * 544]
-                o[2 * rr] = blk[0]
-                o[2 * rr + 1] = blk[1]
-                for s in range(8):
-                    for i in range(4):
-                        o[32 + 64 * s + 4 * rr + i] = blk[2 + 4 * s + i] ^ 128
-
-
-def _panel_shape(raw: np.ndarray, kind: int):
-    """(M, N, blocks per row), and the panels' array shape, for raw rows [..., N, bytes]."""
-    N = raw.shape[-2]
-    M = int(np.prod(raw.shape[:-2], dtype=np.int64))
-    file_bytes = {panels.Q4_K: 144, panels.Q6_K: 210, panels.Q8_0: 34}[kind]
-    nb = raw.shape[-1] // file_bytes
+def _panel_q4_k(raw, out, out32, g0):
+    """Q4_K rows uint8 [M, N, nsb * 144] -> panels [M, G, nsb * 2368] (panels.py)."""
+    M, N, nsb = raw.shape[0], raw.shape[1], raw.shape[2] // 144
     G = (N + panels.PANEL - 1) // panels.PANEL
-    return (M, N, nb), raw.shape[:-2] + (G, nb * panels.BLOCK_BYTES[kind])
+    for task in prange(M * G):
+        m, g = task // G, task % G
+        o, o32 = out[m, g0 + g], out32[m, g0 + g]
+        for rr in range(min(panels.PANEL, N - g * panels.PANEL)):
+            row = raw[m, g * panels.PANEL + rr]
+            for sb in range(nsb):
+                src, dst = 144 * sb, 2368 * sb
+                for i in range(2):
+                    o[dst + 2 * rr + i] = row[src + i]              # d
+                    o[dst + 32 + 2 * rr + i] = row[src + 2 + i]     # dmin
+                for j in range(4):     # the six-bit scales and mins (ggml's get_scale_min_k4)
+                    lo, mid, hi = row[src + 4 + j], row[src + 8 + j], row[src + 12 + j]
+                    o[dst + 64 + 16 * j + rr] = lo & 63
+                    o[dst + 64 + 16 * (j + 4) + rr] = (hi & 15) | ((lo >> 6) << 4)
+                    o[dst + 192 + 32 * (j // 2) + 2 * rr + j % 2] = mid & 63
+                    o[dst + 192 + 32 * ((j + 4) // 2) + 2 * rr + j % 2] = (hi >> 4) | ((mid >> 6) << 4)
+                for j in range(8):
+                    a = src + 16 + 32 * (j // 2)
+                    shift = 4 * (j % 2)
+                    for v in range(4):
+                        w0 = (_word(row, a + 8 * v) >> shift) & 0x0F0F0F0F
+                        w1 = (_word(row, a + 8 * v + 4) >> shift) & 0x0F0F0F0F
+                        o32[(dst + 320 + (4 * j + v) * 64) // 4 + rr] = w0 | (w1 << 4)
 
 
-def panel_q4_k(raw: np.ndarray):
-    """Raw Q4_K rows [..., N, bytes] -> (panels uint8 [..., G, bytes], panels.Q4_K)."""
-    (M, N, nb), shape = _panel_shape(raw, panels.Q4_K)
-    unpacked = np.empty((M * N * nb, Q4_K_UNPACKED), np.uint8)
-    _unpack_q4_k(raw.reshape(-1, 144), unpacked)
-    out = np.zeros((M,) + shape[-2:], np.uint8)
-    _panel_q4_k(unpacked.reshape(M, N, nb, -1), out)
-    return out.reshape(shape), panels.Q4_K
+@kernel
+def _panel_q6_k(raw, out, out32, g0):
+    """Q6_K rows uint8 [M, N, nsb * 210] -> panels [M, G, nsb * 3360] (panels.py)."""
+    M, N, nsb = raw.shape[0], raw.shape[1], raw.shape[2] // 210
+    G = (N + panels.PANEL - 1) // panels.PANEL
+    for task in prange(M * G):
+        m, g = task // G, task % G
+        o, o32 = out[m, g0 + g], out32[m, g0 + g]
+        for rr in range(min(panels.PANEL, N - g * panels.PANEL)):
+            row = raw[m, g * panels.PANEL + rr]
+            for sb in range(nsb):
+                src, dst = 210 * sb, 3360 * sb
+                o[dst + 2 * rr] = row[src + 208]
+                o[dst + 2 * rr + 1] = row[src + 209]
+                for u in range(16):
+                    o[dst + 32 + 16 * u + rr] = row[src + 192 + u]
+                    # Element e = 16 u + 4 s + i: half h, quarter c, position l in ggml's
+                    # layout (ql nibble c >> 1 of byte 64 h + l + 32 (c & 1), qh bits 2c).
+                    h, c, l0 = u // 8, (u % 8) // 2, 16 * (u % 2)
+                    ql = src + 64 * h + l0 + 32 * (c & 1)
+                    qh = src + 128 + 32 * h + l0
+                    hi = np.uint32(0)
+                    for v in range(2):
+                        w0 = (_word(row, ql + 8 * v) >> (4 * (c >> 1))) & 0x0F0F0F0F
+                        w1 = (_word(row, ql + 8 * v + 4) >> (4 * (c >> 1))) & 0x0F0F0F0F
+                        o32[(dst + 288 + (2 * u + v) * 64) // 4 + rr] = w0 | (w1 << 4)
+                    for s in range(4):
+                        hi |= ((_word(row, qh + 4 * s) >> (2 * c)) & 0x03030303) << (2 * s)
+                    o32[(dst + 2336 + 64 * u) // 4 + rr] = hi
 
 
-def panel_q6_k(raw: np.ndarray):
-    """Raw Q6_K rows [..., N, bytes] -> (panels uint8 [..., G, bytes], panels.Q6_K)."""
-    (M, N, nb), shape = _panel_shape(raw, panels.Q6_K)
-    blocks = raw.reshape(-1, 210)
-    q = np.empty((blocks.shape[0], 256), np.int8)
-    sc = np.empty((blocks.shape[0], 16), np.int8)
-    d = np.empty(blocks.shape[0], np.float32)
-    _unpack_q6_k(blocks, q, sc, d)
-    d16 = blocks[:, 208:210].copy().view(np.uint16)[:, 0].astype(np.int32)
-    out = np.zeros((M,) + shape[-2:], np.uint8)
-    _panel_q6_k(q.reshape(M, N, nb, 256), sc.reshape(M, N, nb, 16), d16.reshape(M, N, nb), out)
-    return out.reshape(shape), panels.Q6_K
+@kernel
+def _panel_q8_0(raw, out, out32, g0):
+    """Q8_0 rows uint8 [M, N, nb * 34] -> panels [M, G, nb * 544] (weights + 128)."""
+    M, N, nb = raw.shape[0], raw.shape[1], raw.shape[2] // 34
+    G = (N + panels.PANEL - 1) // panels.PANEL
+    for task in prange(M * G):
+        m, g = task // G, task % G
+        o, o32 = out[m, g0 + g], out32[m, g0 + g]
+        for rr in range(min(panels.PANEL, N - g * panels.PANEL)):
+            row = raw[m, g * panels.PANEL + rr]
+            for b in range(nb):
+                src, dst = 34 * b, 544 * b
+                o[dst + 2 * rr] = row[src]
+                o[dst + 2 * rr + 1] = row[src + 1]
+                for s in range(8):
+                    o32[(dst + 32 + 64 * s) // 4 + rr] = _word(row, src + 2 + 4 * s) ^ 0x80808080
 
 
-def panel_q8_0(raw: np.ndarray):
-    """Raw Q8_0 rows [..., N, bytes] -> (panels uint8 [..., G, bytes], panels.Q8_0)."""
-    (M, N, nb), shape = _panel_shape(raw, panels.Q8_0)
-    out = np.zeros((M,) + shape[-2:], np.uint8)
-    _panel_q8_0(raw.reshape(M, N, nb, 34), out)
-    return out.reshape(shape), panels.Q8_0
+_PANEL_KERNEL = {panels.Q4_K: (_panel_q4_k, 144), panels.Q6_K: (_panel_q6_k, 210),
+                 panels.Q8_0: (_panel_q8_0, 34)}
+
+
+def panel_shape(raw: np.ndarray, kind: int) -> tuple:
+    """The shape of raw rows [..., N, bytes]' panels: [..., G, bytes of a panel]."""
+    N = raw.shape[-2]
+    nb = raw.shape[-1] // _PANEL_KERNEL[kind][1]
+    return raw.shape[:-2] + ((N + panels.PANEL - 1) // panels.PANEL,
+                             nb * panels.BLOCK_BYTES[kind])
+
+
+def panels_into(raw: np.ndarray, kind: int, out: np.ndarray, g0: int = 0) -> None:
+    """Write raw rows [..., N, bytes] as panels g0, g0 + 1, ... of out [..., G, bytes]
+    (whose padding rows, if N is not a multiple of 16, must already be zero)."""
+    repack = _PANEL_KERNEL[kind][0]
+    M = int(np.prod(raw.shape[:-2], dtype=np.int64))
+    out3 = out.reshape((M,) + out.shape[-2:])
+    repack(raw.reshape((M,) + raw.shape[-2:]), out3, out3.view(np.uint32), g0)
+
+
+def panels_of(raw: np.ndarray, kind: int):
+    """Raw rows [..., N, bytes] -> (panels uint8 [..., G, bytes], kind)."""
+    # Only a partial last panel has rows that no write reaches: zero its padding.
+    alloc = np.zeros if raw.shape[-2] % panels.PANEL else np.empty
+    out = alloc(panel_shape(raw, kind), np.uint8)
+    panels_into(raw, kind, out)
+    return out, kind
 
 
 @kernel
