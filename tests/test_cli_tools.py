@@ -170,7 +170,7 @@ def test_ctrl_c_stops_cleanly_and_prints_what_was_produced(n_prompts, model):
             first = b""
             time.sleep(4)
         proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=60)
+        out, err = proc.communicate(timeout=300)
     finally:
         proc.kill()
     out, err = (first + out).decode(), err.decode()
