@@ -61,11 +61,16 @@ REPACK_INT = {int(QT.Q8_0): panels.Q8_0, int(QT.Q6_K): panels.Q6_K,
               int(QT.Q4_K): panels.Q4_K}        # their panel type codes
 
 
+def raw_rows(t) -> np.ndarray:
+    """Tensor t's GGML rows as bytes: uint8 [(E,) N, bytes] (a view of the memory map)."""
+    return np.ascontiguousarray(t.data).view(np.uint8).reshape(tuple(reversed(t.ne))[:-1]
+                                                                 + (-1,))
+
+
 def qweight(t, repack: bool = True, fast: bool = False) -> QWeight:
     """The kernels' view of tensor t; with ``fast``, the integer layout where there is one."""
-    data = np.ascontiguousarray(t.data)
-    lead = tuple(reversed(t.ne))[:-1]
-    raw = data.view(np.uint8).reshape(lead + (-1,))
+    raw = raw_rows(t)
+    lead = raw.shape[:-1]
     qtype = int(t.qtype)
     kind = activation_kind(t.qtype)
     if repack and fast and qtype in REPACK_INT:
@@ -190,8 +195,7 @@ def fusable_runs(tensors: dict, names, fast: bool) -> list:
 def fused_qweight(ts: list) -> tuple[QWeight, list]:
     """One QWeight for the matrices ts (a fusable run), their panels written straight into
     one buffer; and each member's (first row, end row)."""
-    raws = [np.ascontiguousarray(t.data).view(np.uint8).reshape(tuple(reversed(t.ne))[:-1]
-                                                                + (-1,)) for t in ts]
+    raws = [raw_rows(t) for t in ts]
     qtype = int(ts[0].qtype)
     kind = REPACK_INT[qtype]
     shapes = [mm_k.panel_shape(r, kind) for r in raws]

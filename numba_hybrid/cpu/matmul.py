@@ -272,27 +272,6 @@ def _unpack_q6_k(blocks, q, sc, d):
         d[b] = F16_TABLE[np.int64(blk[208]) | (np.int64(blk[209]) << 8)]
 
 
-Q4_K_UNPACKED = 148     # bytes of a Q4_K super-block with its scales and mins unpacked
-
-
-@kernel
-def _unpack_q4_k(blocks, out):
-    """Q4_K blocks uint8 [nb, 144] -> [nb, 148]: d, dmin (the file's f16 bytes), the eight
-    six-bit scales and the eight mins one per byte, then the 128 bytes of nibbles."""
-    for b in prange(blocks.shape[0]):
-        blk, o = blocks[b], out[b]
-        for i in range(4):
-            o[i] = blk[i]
-        for j in range(4):
-            lo, mid, hi = blk[4 + j], blk[8 + j], blk[12 + j]
-            o[4 + j] = lo & 63
-            o[12 + j] = mid & 63
-            o[8 + j] = (hi & 15) | ((lo >> 6) << 4)
-            o[16 + j] = (hi >> 4) | ((mid >> 6) << 4)
-        for i in range(128):
-            o[20 + i] = blk[16 + i]
-
-
 def unpack_q6_k(raw: np.ndarray):
     """Raw Q6_K rows -> their values and scales: (qs int8 q - 32 [..., N, K], sc int8
     [..., N, K/16], d f32 [..., N, K/256])."""
@@ -315,93 +294,91 @@ def _word(a, i):
             | (np.uint32(a[i + 3]) << 24))
 
 
+@helper
+def _panel_row_q4_k(row, o, o32, rr):
+    """Q4_K row rr of a panel: the file's blocks (144 bytes) -> the panel's (2368)."""
+    for sb in range(row.size // 144):
+        src, dst = 144 * sb, 2368 * sb
+        for i in range(2):
+            o[dst + 2 * rr + i] = row[src + i]              # d
+            o[dst + 32 + 2 * rr + i] = row[src + 2 + i]     # dmin
+        for j in range(4):     # the six-bit scales and mins (ggml's get_scale_min_k4)
+            lo, mid, hi = row[src + 4 + j], row[src + 8 + j], row[src + 12 + j]
+            o[dst + 64 + 16 * j + rr] = lo & 63
+            o[dst + 64 + 16 * (j + 4) + rr] = (hi & 15) | ((lo >> 6) << 4)
+            o[dst + 192 + 32 * (j // 2) + 2 * rr + j % 2] = mid & 63
+            o[dst + 192 + 32 * ((j + 4) // 2) + 2 * rr + j % 2] = (hi >> 4) | ((mid >> 6) << 4)
+        for j in range(8):
+            a = src + 16 + 32 * (j // 2)
+            shift = 4 * (j % 2)
+            for v in range(4):
+                w0 = (_word(row, a + 8 * v) >> shift) & 0x0F0F0F0F
+                w1 = (_word(row, a + 8 * v + 4) >> shift) & 0x0F0F0F0F
+                o32[(dst + 320 + (4 * j + v) * 64) // 4 + rr] = w0 | (w1 << 4)
+
+
+@helper
+def _panel_row_q6_k(row, o, o32, rr):
+    """Q6_K row rr of a panel: the file's blocks (210 bytes) -> the panel's (3360)."""
+    for sb in range(row.size // 210):
+        src, dst = 210 * sb, 3360 * sb
+        o[dst + 2 * rr] = row[src + 208]
+        o[dst + 2 * rr + 1] = row[src + 209]
+        for u in range(16):
+            o[dst + 32 + 16 * u + rr] = row[src + 192 + u]
+            # Element e = 16 u + 4 s + i: half h, quarter c, position l in ggml's layout
+            # (ql nibble c >> 1 of byte 64 h + l + 32 (c & 1), qh bits 2c).
+            h, c, l0 = u // 8, (u % 8) // 2, 16 * (u % 2)
+            ql = src + 64 * h + l0 + 32 * (c & 1)
+            qh = src + 128 + 32 * h + l0
+            hi = np.uint32(0)
+            for v in range(2):
+                w0 = (_word(row, ql + 8 * v) >> (4 * (c >> 1))) & 0x0F0F0F0F
+                w1 = (_word(row, ql + 8 * v + 4) >> (4 * (c >> 1))) & 0x0F0F0F0F
+                o32[(dst + 288 + (2 * u + v) * 64) // 4 + rr] = w0 | (w1 << 4)
+            for s in range(4):
+                hi |= ((_word(row, qh + 4 * s) >> (2 * c)) & 0x03030303) << (2 * s)
+            o32[(dst + 2336 + 64 * u) // 4 + rr] = hi
+
+
+@helper
+def _panel_row_q8_0(row, o, o32, rr):
+    """Q8_0 row rr of a panel: the file's blocks (34 bytes) -> the panel's (544), the
+    weights stored + 128."""
+    for b in range(row.size // 34):
+        src, dst = 34 * b, 544 * b
+        o[dst + 2 * rr] = row[src]
+        o[dst + 2 * rr + 1] = row[src + 1]
+        for s in range(8):
+            o32[(dst + 32 + 64 * s) // 4 + rr] = _word(row, src + 2 + 4 * s) ^ 0x80808080
+
+
 @kernel
-def _panel_q4_k(raw, out, out32, g0):
-    """Q4_K rows uint8 [M, N, nsb * 144] -> panels [M, G, nsb * 2368] (panels.py)."""
-    M, N, nsb = raw.shape[0], raw.shape[1], raw.shape[2] // 144
+def _panel_rows(raw, kind, out, out32, g0):
+    """Raw rows uint8 [M, N, bytes] of panel type ``kind`` -> panels g0, g0 + 1, ... of
+    out [M, G, bytes] (panels.py)."""
+    M, N = raw.shape[0], raw.shape[1]
     G = (N + panels.PANEL - 1) // panels.PANEL
     for task in prange(M * G):
         m, g = task // G, task % G
         o, o32 = out[m, g0 + g], out32[m, g0 + g]
         for rr in range(min(panels.PANEL, N - g * panels.PANEL)):
             row = raw[m, g * panels.PANEL + rr]
-            for sb in range(nsb):
-                src, dst = 144 * sb, 2368 * sb
-                for i in range(2):
-                    o[dst + 2 * rr + i] = row[src + i]              # d
-                    o[dst + 32 + 2 * rr + i] = row[src + 2 + i]     # dmin
-                for j in range(4):     # the six-bit scales and mins (ggml's get_scale_min_k4)
-                    lo, mid, hi = row[src + 4 + j], row[src + 8 + j], row[src + 12 + j]
-                    o[dst + 64 + 16 * j + rr] = lo & 63
-                    o[dst + 64 + 16 * (j + 4) + rr] = (hi & 15) | ((lo >> 6) << 4)
-                    o[dst + 192 + 32 * (j // 2) + 2 * rr + j % 2] = mid & 63
-                    o[dst + 192 + 32 * ((j + 4) // 2) + 2 * rr + j % 2] = (hi >> 4) | ((mid >> 6) << 4)
-                for j in range(8):
-                    a = src + 16 + 32 * (j // 2)
-                    shift = 4 * (j % 2)
-                    for v in range(4):
-                        w0 = (_word(row, a + 8 * v) >> shift) & 0x0F0F0F0F
-                        w1 = (_word(row, a + 8 * v + 4) >> shift) & 0x0F0F0F0F
-                        o32[(dst + 320 + (4 * j + v) * 64) // 4 + rr] = w0 | (w1 << 4)
+            if kind == panels.Q4_K:
+                _panel_row_q4_k(row, o, o32, rr)
+            elif kind == panels.Q6_K:
+                _panel_row_q6_k(row, o, o32, rr)
+            else:
+                _panel_row_q8_0(row, o, o32, rr)
 
 
-@kernel
-def _panel_q6_k(raw, out, out32, g0):
-    """Q6_K rows uint8 [M, N, nsb * 210] -> panels [M, G, nsb * 3360] (panels.py)."""
-    M, N, nsb = raw.shape[0], raw.shape[1], raw.shape[2] // 210
-    G = (N + panels.PANEL - 1) // panels.PANEL
-    for task in prange(M * G):
-        m, g = task // G, task % G
-        o, o32 = out[m, g0 + g], out32[m, g0 + g]
-        for rr in range(min(panels.PANEL, N - g * panels.PANEL)):
-            row = raw[m, g * panels.PANEL + rr]
-            for sb in range(nsb):
-                src, dst = 210 * sb, 3360 * sb
-                o[dst + 2 * rr] = row[src + 208]
-                o[dst + 2 * rr + 1] = row[src + 209]
-                for u in range(16):
-                    o[dst + 32 + 16 * u + rr] = row[src + 192 + u]
-                    # Element e = 16 u + 4 s + i: half h, quarter c, position l in ggml's
-                    # layout (ql nibble c >> 1 of byte 64 h + l + 32 (c & 1), qh bits 2c).
-                    h, c, l0 = u // 8, (u % 8) // 2, 16 * (u % 2)
-                    ql = src + 64 * h + l0 + 32 * (c & 1)
-                    qh = src + 128 + 32 * h + l0
-                    hi = np.uint32(0)
-                    for v in range(2):
-                        w0 = (_word(row, ql + 8 * v) >> (4 * (c >> 1))) & 0x0F0F0F0F
-                        w1 = (_word(row, ql + 8 * v + 4) >> (4 * (c >> 1))) & 0x0F0F0F0F
-                        o32[(dst + 288 + (2 * u + v) * 64) // 4 + rr] = w0 | (w1 << 4)
-                    for s in range(4):
-                        hi |= ((_word(row, qh + 4 * s) >> (2 * c)) & 0x03030303) << (2 * s)
-                    o32[(dst + 2336 + 64 * u) // 4 + rr] = hi
-
-
-@kernel
-def _panel_q8_0(raw, out, out32, g0):
-    """Q8_0 rows uint8 [M, N, nb * 34] -> panels [M, G, nb * 544] (weights + 128)."""
-    M, N, nb = raw.shape[0], raw.shape[1], raw.shape[2] // 34
-    G = (N + panels.PANEL - 1) // panels.PANEL
-    for task in prange(M * G):
-        m, g = task // G, task % G
-        o, o32 = out[m, g0 + g], out32[m, g0 + g]
-        for rr in range(min(panels.PANEL, N - g * panels.PANEL)):
-            row = raw[m, g * panels.PANEL + rr]
-            for b in range(nb):
-                src, dst = 34 * b, 544 * b
-                o[dst + 2 * rr] = row[src]
-                o[dst + 2 * rr + 1] = row[src + 1]
-                for s in range(8):
-                    o32[(dst + 32 + 64 * s) // 4 + rr] = _word(row, src + 2 + 4 * s) ^ 0x80808080
-
-
-_PANEL_KERNEL = {panels.Q4_K: (_panel_q4_k, 144), panels.Q6_K: (_panel_q6_k, 210),
-                 panels.Q8_0: (_panel_q8_0, 34)}
+FILE_BLOCK_BYTES = {panels.Q4_K: 144, panels.Q6_K: 210, panels.Q8_0: 34}
 
 
 def panel_shape(raw: np.ndarray, kind: int) -> tuple:
     """The shape of raw rows [..., N, bytes]' panels: [..., G, bytes of a panel]."""
     N = raw.shape[-2]
-    nb = raw.shape[-1] // _PANEL_KERNEL[kind][1]
+    nb = raw.shape[-1] // FILE_BLOCK_BYTES[kind]
     return raw.shape[:-2] + ((N + panels.PANEL - 1) // panels.PANEL,
                              nb * panels.BLOCK_BYTES[kind])
 
@@ -409,10 +386,9 @@ def panel_shape(raw: np.ndarray, kind: int) -> tuple:
 def panels_into(raw: np.ndarray, kind: int, out: np.ndarray, g0: int = 0) -> None:
     """Write raw rows [..., N, bytes] as panels g0, g0 + 1, ... of out [..., G, bytes]
     (whose padding rows, if N is not a multiple of 16, must already be zero)."""
-    repack = _PANEL_KERNEL[kind][0]
     M = int(np.prod(raw.shape[:-2], dtype=np.int64))
     out3 = out.reshape((M,) + out.shape[-2:])
-    repack(raw.reshape((M,) + raw.shape[-2:]), out3, out3.view(np.uint32), g0)
+    _panel_rows(raw.reshape((M,) + raw.shape[-2:]), kind, out3, out3.view(np.uint32), g0)
 
 
 def panels_of(raw: np.ndarray, kind: int):

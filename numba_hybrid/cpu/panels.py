@@ -190,6 +190,14 @@ class _Call:
         self.i0, self.g0 = i0, g0
 
 
+def _add_scaled(builder, call, accs, r, t, isum, w_scale, xd_index):
+    """accs[r][t] += float(isum) * (w_scale * xd[token t, xd_index]), one FMA."""
+    s = _splat(builder, _load(builder, call.xdrow[t], xd_index, F32), V16F)
+    acc = builder.load(accs[r][t])
+    builder.store(_fma(builder, builder.sitofp(isum, V16F), builder.fmul(w_scale, s), acc),
+                  accs[r][t])
+
+
 def _broadcast_x(builder, call, j, offset):
     """Activations offset .. offset + 3 of token j as one word in every lane."""
     return _splat(builder, _load(builder, call.xrow[j], offset, I32), V16I)
@@ -276,11 +284,7 @@ def _q6_k_block(builder, call, sb, accs, ng, nt, vnni):
     for r in range(ng):
         d = _halves(builder, base[r], _c(0))
         for t in range(nt):
-            s = _splat(builder, _load(builder, call.xdrow[t], builder.mul(sb, _c(8)), F32),
-                       V16F)
-            acc = builder.load(accs[r][t])
-            builder.store(_fma(builder, builder.sitofp(isum[r][t], V16F), builder.fmul(d, s), acc),
-                          accs[r][t])
+            _add_scaled(builder, call, accs, r, t, isum[r][t], d, builder.mul(sb, _c(8)))
 
 
 def _q8_0_block(builder, call, b, accs, ng, nt, vnni):
@@ -300,10 +304,7 @@ def _q8_0_block(builder, call, b, accs, ng, nt, vnni):
     for r in range(ng):
         d = _halves(builder, base[r], _c(0))
         for t in range(nt):
-            s = _splat(builder, _load(builder, call.xdrow[t], b, F32), V16F)
-            acc = builder.load(accs[r][t])
-            builder.store(_fma(builder, builder.sitofp(isub[r][t], V16F), builder.fmul(d, s), acc),
-                          accs[r][t])
+            _add_scaled(builder, call, accs, r, t, isub[r][t], d, b)
 
 
 _BLOCK = {Q4_K: _q4_k_block, Q6_K: _q6_k_block, Q8_0: _q8_0_block}
