@@ -53,35 +53,49 @@ def attention(qg, kx, vx, q_norm, k_norm, eps, inv_freq, k_cache, v_cache, posit
             _norm_rope(kx[t, g * hd:(g + 1) * hd], k_norm, eps, cos, sin, k_cache[slot, p, g])
             for d in range(hd):
                 v_cache[slot, p, g, d] = vx[t, g * hd + d]
+    # Per (token, KV head): the query heads that share the head's keys and values go
+    # together, so each cached key and value is read once for all of them. Each (token,
+    # query head) still computes the same sums in the same order for any batch.
     scale = np.float32(1.0 / np.sqrt(hd))
-    for i in prange(T * nh):
-        t, h = i // nh, i % nh
+    for i in prange(T * nkv):
+        t, g = i // nkv, i % nkv
         slot, p = tok_slot[t], positions[t]
-        g = h // group
         cos = np.empty(half, np.float32)
         sin = np.empty(half, np.float32)
         _angles(p, inv_freq, cos, sin)
-        q = np.empty(hd, np.float32)
-        base = h * 2 * hd
-        _norm_rope(qg[t, base:base + hd], q_norm, eps, cos, sin, q)
-        scores = np.empty(p + 1, np.float32)
-        m = np.float32(-np.inf)
+        q = np.empty((group, hd), np.float32)
+        for r in range(group):
+            base = (g * group + r) * 2 * hd
+            _norm_rope(qg[t, base:base + hd], q_norm, eps, cos, sin, q[r])
+        scores = np.empty((group, p + 1), np.float32)
         for j in range(p + 1):
             kj = k_cache[slot, j, g]
-            s = np.float32(0.0)
-            for d in range(hd):
-                s += kj[d] * q[d]
-            s *= scale
-            scores[j] = s
-            m = max(m, s)
-        total = np.float32(0.0)
-        acc = np.zeros(hd, np.float32)
+            for r in range(group):
+                s = np.float32(0.0)
+                for d in range(hd):
+                    s += kj[d] * q[r, d]
+                scores[r, j] = s * scale
+        total = np.empty(group, np.float32)
+        for r in range(group):
+            m = np.float32(-np.inf)
+            for j in range(p + 1):
+                m = max(m, scores[r, j])
+            tr = np.float32(0.0)
+            for j in range(p + 1):
+                e = exp32(scores[r, j] - m)
+                scores[r, j] = e
+                tr += e
+            total[r] = tr
+        acc = np.zeros((group, hd), np.float32)
         for j in range(p + 1):
-            e = exp32(scores[j] - m)
-            total += e
             vj = v_cache[slot, j, g]
+            for r in range(group):
+                e = scores[r, j]
+                for d in range(hd):
+                    acc[r, d] += e * vj[d]
+        for r in range(group):
+            h = g * group + r
+            base = h * 2 * hd
             for d in range(hd):
-                acc[d] += e * vj[d]
-        for d in range(hd):
-            gate = qg[t, base + hd + d]
-            out[t, h * hd + d] = acc[d] / total / (np.float32(1.0) + exp32(-gate))
+                gate = qg[t, base + hd + d]
+                out[t, h * hd + d] = acc[r, d] / total[r] / (np.float32(1.0) + exp32(-gate))
