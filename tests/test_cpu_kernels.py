@@ -326,10 +326,10 @@ def test_moe(qtype, T):
     experts = np.empty((T, k), np.int64)
     weights = poisoned((T, k))
     moe_k.route(logits, k, experts, weights)
-    src, exp_start, pair_of, counts = moe_k.group_pairs(experts, E, Fe)
+    src, exp_start, pair_of, counts = moe_k.group_pairs(experts, E)
     P = T * k
-    tasks = moe_k.tasks_for(counts, Fe)
-    down_tasks = moe_k.tasks_for(counts, H)
+    tasks = moe_k.tasks_for(counts, Fe, moe_k.RB)
+    down_tasks = moe_k.tasks_for(counts, H, moe_k.RB)
     pairs = np.arange(P, dtype=np.int64)
     g_raw, u_raw, d_raw = np.stack(gate_raw), np.stack(up_raw), np.stack(down_raw)
 
@@ -367,7 +367,7 @@ def test_expert_matmul_int(qtype, T):
     w = qweight(_Tensor(raw, qtype, (H, Fe, E)), fast=True)
     act = quants.activation_kind(qtype)
     experts = np.stack([rng.choice(E, k, replace=False) for _ in range(T)])
-    src, exp_start, pair_of, counts = moe_k.group_pairs(experts, E, Fe)
+    src, exp_start, pair_of, counts = moe_k.group_pairs(experts, E)
     out = poisoned((T * k, Fe))
     expert_linear_int(quantize(x, act), src, w, exp_start, expert_tasks(counts, w), out)
     xr = quants.round_activations(x, act).astype(np.float64)

@@ -126,7 +126,7 @@ def expert_tasks(counts: np.ndarray, w: QWeight):
         wp, kind = w.packed
         gp = panels.tile(kind, int(counts.max()))[0]
         return moe_k.tasks_for(counts, wp.shape[1], gp), gp
-    return moe_k.tasks_for(counts, w.n_rows)
+    return moe_k.tasks_for(counts, w.n_rows, moe_k.RB)
 
 
 def expert_linear_int(q, src, w: QWeight, exp_start, tasks, out) -> None:
@@ -366,14 +366,14 @@ class CpuBackend:
         experts = np.empty((T, k), np.int64)
         weights = np.empty((T, k), np.float32)
         moe_k.route(self.matmul(h, layer["ffn_gate_inp"]), k, experts, weights)
-        src, exp_start, pair_of, counts = moe_k.group_pairs(experts, a.n_expert, a.n_ff_exp)
+        src, exp_start, pair_of, counts = moe_k.group_pairs(experts, a.n_expert)
         P = T * k
         if "ffn_gate_exps" in layer["fused"]:
             w = layer["fused"]["ffn_gate_exps"][0]
             both = np.empty((P, 2 * a.n_ff_exp), np.float32)
             self.expert_matmul(h, src, w, exp_start, expert_tasks(counts, w), both)
-            gate = np.ascontiguousarray(both[:, :a.n_ff_exp])
-            up = np.ascontiguousarray(both[:, a.n_ff_exp:])
+            gate = np.empty((P, a.n_ff_exp), np.float32)
+            norm_k.swiglu_halves(both, gate)
         else:
             gate_w, up_w = layer["ffn_gate_exps"], layer["ffn_up_exps"]
             gate = np.empty((P, a.n_ff_exp), np.float32)
@@ -382,8 +382,8 @@ class CpuBackend:
             up_tasks = tasks if up_w.qtype == gate_w.qtype else expert_tasks(counts, up_w)
             self.expert_matmul(h, src, gate_w, exp_start, tasks, gate)
             self.expert_matmul(h, src, up_w, exp_start, up_tasks, up)
+            norm_k.swiglu(gate, up, gate)
         down_w = layer["ffn_down_exps"]
-        norm_k.swiglu(gate, up, gate)
         y = np.empty((P, a.n_embd), np.float32)
         self.expert_matmul(gate, np.arange(P, dtype=np.int64), down_w, exp_start,
                            expert_tasks(counts, down_w), y)

@@ -12,7 +12,7 @@ import numpy as np
 
 from . import panels
 from .dequant import dequant_row
-from .jit import kernel, prange
+from .jit import kernel, prange, serial
 from .matmul import RB, dot, dot_i8, dot_q4
 from .simd import exp32
 
@@ -75,11 +75,13 @@ def combine(y, pair_of, weights, out):
     """out[t] += sum_j weights[t, j] * y[pair_of[t, j]], ranks in order.  y [P, H]."""
     T, k = weights.shape
     for t in prange(T):
-        for i in range(out.shape[1]):
-            s = np.float32(0.0)
-            for j in range(k):
-                s += weights[t, j] * y[pair_of[t, j], i]
-            out[t, i] += s
+        s = np.zeros(out.shape[1], np.float32)
+        for j in range(k):
+            wj, yj = weights[t, j], y[pair_of[t, j]]
+            for i in range(s.size):
+                s[i] += wj * yj[i]
+        for i in range(s.size):
+            out[t, i] += s[i]
 
 
 @kernel
@@ -94,30 +96,47 @@ def shared_gate(x, w, y, out):
             out[t, i] += gt * y[t, i]
 
 
-def group_pairs(experts: np.ndarray, n_expert: int, n_rows: int):
-    """Sort (token, rank) pairs by expert. Returns src token of each sorted pair,
-    exp_start [E+1], the sorted position of each (t, j) [T, k], and the work list of
-    (expert, row block) tasks for a matrix of ``n_rows`` rows."""
+@serial
+def group_pairs(experts, n_expert):
+    """Sort the (token, rank) pairs by expert, stably (a counting sort). Returns the token
+    of each sorted pair, exp_start [E+1], the sorted position of each (t, j) [T, k], and
+    the count of pairs per expert."""
     T, k = experts.shape
-    flat = experts.reshape(-1)
-    order = np.argsort(flat, kind="stable")
-    src = (order // k).astype(np.int64)
-    counts = np.bincount(flat, minlength=n_expert)
+    counts = np.zeros(n_expert, np.int64)
+    for t in range(T):
+        for j in range(k):
+            counts[experts[t, j]] += 1
     exp_start = np.zeros(n_expert + 1, np.int64)
-    np.cumsum(counts, out=exp_start[1:])
-    pair_of = np.empty(T * k, np.int64)
-    pair_of[order] = np.arange(T * k)
-    return src, exp_start, pair_of.reshape(T, k), counts
+    for e in range(n_expert):
+        exp_start[e + 1] = exp_start[e] + counts[e]
+    fill = exp_start[:n_expert].copy()
+    src = np.empty(T * k, np.int64)
+    pair_of = np.empty((T, k), np.int64)
+    for t in range(T):
+        for j in range(k):
+            e = experts[t, j]
+            src[fill[e]] = t
+            pair_of[t, j] = fill[e]
+            fill[e] += 1
+    return src, exp_start, pair_of, counts
 
 
-def tasks_for(counts: np.ndarray, n_rows: int, block: int = RB) -> np.ndarray:
+@serial
+def tasks_for(counts, n_rows, block):
     """(expert, row block) tasks for the experts with tokens: blocks of ``block`` rows
     (or of panels) out of ``n_rows``."""
-    used = np.flatnonzero(counts)
     nb = (n_rows + block - 1) // block
-    tasks = np.empty((used.size * nb, 2), np.int64)
-    tasks[:, 0] = np.repeat(used, nb)
-    tasks[:, 1] = np.tile(np.arange(nb), used.size)
+    used = 0
+    for e in range(counts.size):
+        used += counts[e] > 0
+    tasks = np.empty((used * nb, 2), np.int64)
+    i = 0
+    for e in range(counts.size):
+        if counts[e] > 0:
+            for b in range(nb):
+                tasks[i, 0] = e
+                tasks[i, 1] = b
+                i += 1
     return tasks
 
 

@@ -69,3 +69,13 @@ def swiglu(gate, up, out):
         for i in range(gate.shape[1]):
             g = gate[t, i]
             out[t, i] = g / (np.float32(1.0) + exp32(-g)) * up[t, i]
+
+
+@kernel
+def swiglu_halves(both, out):
+    """out = silu(gate) * up for both = [gate | up] (a fused gate and up product), [T, 2F]."""
+    F = out.shape[1]
+    for t in prange(both.shape[0]):
+        for i in range(F):
+            g = both[t, i]
+            out[t, i] = g / (np.float32(1.0) + exp32(-g)) * both[t, F + i]
