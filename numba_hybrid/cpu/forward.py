@@ -200,7 +200,7 @@ def fused_qweight(ts: list) -> tuple[QWeight, list]:
     kind = REPACK_INT[qtype]
     shapes = [mm_k.panel_shape(r, kind) for r in raws]
     total = shapes[0][:-2] + (sum(sh[-2] for sh in shapes), shapes[0][-1])
-    out = (np.zeros if raws[-1].shape[-2] % panels.PANEL else np.empty)(total, np.uint8)
+    out = mm_k.panel_buffer(total, zero=raws[-1].shape[-2] % panels.PANEL != 0)
     g0 = 0
     for raw, sh in zip(raws, shapes):
         mm_k.panels_into(raw, kind, out, g0)

@@ -319,11 +319,13 @@ def _panel_row_q4_k(row, o, o32, rr):
 
 @helper
 def _panel_row_q6_k(row, o, o32, rr):
-    """Q6_K row rr of a panel: the file's blocks (210 bytes) -> the panel's (3360)."""
+    """Q6_K row rr of a panel: the file's blocks (210 bytes) -> the panel's (3392)."""
     for sb in range(row.size // 210):
-        src, dst = 210 * sb, 3360 * sb
+        src, dst = 210 * sb, 3392 * sb
         o[dst + 2 * rr] = row[src + 208]
         o[dst + 2 * rr + 1] = row[src + 209]
+        o[dst + 288 + 2 * rr] = 0                      # the alignment padding
+        o[dst + 289 + 2 * rr] = 0
         for u in range(16):
             o[dst + 32 + 16 * u + rr] = row[src + 192 + u]
             # Element e = 16 u + 4 s + i: half h, quarter c, position l in ggml's layout
@@ -335,10 +337,10 @@ def _panel_row_q6_k(row, o, o32, rr):
             for v in range(2):
                 w0 = (_word(row, ql + 8 * v) >> (4 * (c >> 1))) & 0x0F0F0F0F
                 w1 = (_word(row, ql + 8 * v + 4) >> (4 * (c >> 1))) & 0x0F0F0F0F
-                o32[(dst + 288 + (2 * u + v) * 64) // 4 + rr] = w0 | (w1 << 4)
+                o32[(dst + panels.Q6_K_LOW + (2 * u + v) * 64) // 4 + rr] = w0 | (w1 << 4)
             for s in range(4):
                 hi |= ((_word(row, qh + 4 * s) >> (2 * c)) & 0x03030303) << (2 * s)
-            o32[(dst + 2336 + 64 * u) // 4 + rr] = hi
+            o32[(dst + panels.Q6_K_HIGH + 64 * u) // 4 + rr] = hi
 
 
 @helper
@@ -391,11 +393,20 @@ def panels_into(raw: np.ndarray, kind: int, out: np.ndarray, g0: int = 0) -> Non
     _panel_rows(raw.reshape((M,) + raw.shape[-2:]), kind, out3, out3.view(np.uint32), g0)
 
 
+def panel_buffer(shape: tuple, zero: bool) -> np.ndarray:
+    """An uninitialised (or zeroed) uint8 array for panels, starting on a cache line: the
+    kernels' 64-byte weight loads then never straddle two lines (numpy's large arrays
+    start 16 bytes into a page)."""
+    n = int(np.prod(shape, dtype=np.int64))
+    buf = (np.zeros if zero else np.empty)(n + 64, np.uint8)
+    skip = -buf.ctypes.data % 64
+    return buf[skip:skip + n].reshape(shape)
+
+
 def panels_of(raw: np.ndarray, kind: int):
     """Raw rows [..., N, bytes] -> (panels uint8 [..., G, bytes], kind)."""
     # Only a partial last panel has rows that no write reaches: zero its padding.
-    alloc = np.zeros if raw.shape[-2] % panels.PANEL else np.empty
-    out = alloc(panel_shape(raw, kind), np.uint8)
+    out = panel_buffer(panel_shape(raw, kind), zero=raw.shape[-2] % panels.PANEL != 0)
     panels_into(raw, kind, out)
     return out, kind
 

@@ -31,7 +31,8 @@ Panel layouts, in bytes, per super-block (Q4_K, Q6_K) or block (Q8_0) of the 16 
 * Q4_K, 2368 (0.578 per weight): d and dmin as 16 f16 each; the scales [8 sub-blocks][16];
   the mins as [4 pairs of sub-blocks][16][2]; then per sub-block 4 vectors, vector v holding
   step 2v in its low nibbles and step 2v + 1 in its high nibbles.
-* Q6_K, 3360 (0.82): d as 16 f16; the scales int8 [16 sub-blocks][16]; the low
+* Q6_K, 3392 (0.83): d as 16 f16; the scales int8 [16 sub-blocks][16]; 32 bytes of
+  zeros, so that the weight vectors start on a cache line (as every panel does); the low
   4 bits, per sub-block 2 vectors (steps 2v and 2v + 1 in the low and high nibbles); the
   high 2 bits, per sub-block one vector (step s in bits 2s, 2s + 1).
 * Q8_0, 544 (1.0625, the file's size): d as 16 f16, then the 8 steps.
@@ -61,7 +62,10 @@ Q4_K, Q6_K, Q8_0 = 0, 1, 2      # the kernels' type codes
 TILES = ((1, 6), (2, 4), (2, 4))        # by type code
 PANELS = max(p for p, _ in TILES)
 TOKENS = max(t for _, t in TILES)
-BLOCK_BYTES = {Q4_K: 2368, Q6_K: 3360, Q8_0: 544}
+BLOCK_BYTES = {Q4_K: 2368, Q6_K: 3392, Q8_0: 544}
+# Q6_K: where the low 4 bits and the high 2 bits start (after d, the scales and 32 bytes
+# of zeros that align the weight vectors to cache lines)
+Q6_K_LOW, Q6_K_HIGH = 320, 2368
 BLOCK_INPUTS = {Q4_K: 256, Q6_K: 256, Q8_0: 32}
 
 F32, F16 = ir.FloatType(), ir.HalfType()
@@ -131,7 +135,9 @@ def _dpbusd(builder, acc, w, x, vnni):
     return builder.add(acc, builder.add(_pairs(builder, p, True), _pairs(builder, p, False)))
 
 
-# Software prefetch of each panel's weight stream, this many bytes ahead. Measured on one
+# Software prefetch of each panel's weight stream, this many bytes ahead (Q6_K: one
+# super-block ahead, for both of its streams; 2048 bytes would land the low bits' prefetches
+# in the same block's high bits: Q6_K 12352 x 2048 from DRAM 41 -> 55 GB/s). Measured on one
 # token (Q4_K_M bench model, Q4_K 8192 x 2048 from DRAM): 0 B 233 us, 1024 B 208, 2048 B
 # 202, 4096 B 235.
 PREFETCH = 2048
@@ -144,10 +150,10 @@ def _prefetch(builder, base, offset):
     builder.call(fn, [builder.gep(base, [offset]), _c(0, I32), _c(3, I32), _c(1, I32)])
 
 
-def _weights(builder, base, offset):
-    """The 64 bytes of weights at base + offset, prefetching PREFETCH bytes ahead."""
-    if PREFETCH:
-        _prefetch(builder, base, _c(offset + PREFETCH))
+def _weights(builder, base, offset, ahead=PREFETCH):
+    """The 64 bytes of weights at base + offset, prefetching ``ahead`` bytes ahead."""
+    if ahead:
+        _prefetch(builder, base, _c(offset + ahead))
     return _load(builder, base, _c(offset), V64B)
 
 
@@ -261,8 +267,9 @@ def _q6_k_block(builder, call, sb, accs, ng, nt, vnni):
         isub = [list(start) for _ in range(ng)]
         ws = []
         for r in range(ng):
-            lo = [_weights(builder, base[r], 288 + (2 * u + v) * 64) for v in range(2)]
-            hi = _weights(builder, base[r], 2336 + 64 * u)
+            ahead = BLOCK_BYTES[Q6_K]
+            lo = [_weights(builder, base[r], Q6_K_LOW + (2 * u + v) * 64, ahead) for v in range(2)]
+            hi = _weights(builder, base[r], Q6_K_HIGH + 64 * u, ahead)
             steps = []
             for s in range(4):
                 nib = builder.and_(lo[s // 2], low) if s % 2 == 0 else builder.lshr(lo[s // 2], four)
