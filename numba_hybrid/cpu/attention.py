@@ -80,11 +80,11 @@ def attention(qg, kx, vx, q_norm, k_norm, eps, inv_freq, k_cache, v_cache, posit
             m = np.float32(-np.inf)
             for j in range(p + 1):
                 m = max(m, scores[r, j])
-            tr = np.float32(0.0)
             for j in range(p + 1):
-                e = exp32(scores[r, j] - m)
-                scores[r, j] = e
-                tr += e
+                scores[r, j] = exp32(scores[r, j] - m)
+            tr = np.float32(0.0)        # a loop of its own: no loop both stores and sums
+            for j in range(p + 1):
+                tr += scores[r, j]
             total[r] = tr
         acc = np.zeros((group, hd), np.float32)
         for j in range(p + 1):
