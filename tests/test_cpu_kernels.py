@@ -269,10 +269,11 @@ def test_deltanet_scan(T, order):
 
 # ---- attention -------------------------------------------------------------------------
 
-@pytest.mark.parametrize("T", TOKENS)
-def test_attention(T):
-    rng = np.random.default_rng(30 + T)
-    nh, nkv, hd, n_rot, theta = 6, 2, 48, 16, 1e6
+@pytest.mark.parametrize("nh", [6, 10])     # query heads per KV head 3 and 5: below and
+@pytest.mark.parametrize("T", TOKENS)       # above the 4 heads that share a key's load
+def test_attention(T, nh):
+    rng = np.random.default_rng(30 + T + nh)
+    nkv, hd, n_rot, theta = 2, 48, 16, 1e6
     history = 9
     plan = make_plan(T, rng, history=history)
     n_ctx = history + T + 1

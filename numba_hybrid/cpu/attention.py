@@ -36,6 +36,46 @@ def _angles(p, inv_freq, cos, sin):
         sin[i] = np.sin(ang)
 
 
+@helper
+def _scores(kj, q, scale, scores, j):
+    """scores[r, j] = (kj . q[r]) * scale for every query head r of a group; four heads
+    share each load of kj."""
+    group, hd = q.shape
+    for r in range(0, group - group % 4, 4):
+        q0, q1, q2, q3 = q[r], q[r + 1], q[r + 2], q[r + 3]
+        s0 = s1 = s2 = s3 = np.float32(0.0)
+        for d in range(hd):
+            k = kj[d]
+            s0 += k * q0[d]
+            s1 += k * q1[d]
+            s2 += k * q2[d]
+            s3 += k * q3[d]
+        scores[r, j], scores[r + 1, j] = s0 * scale, s1 * scale
+        scores[r + 2, j], scores[r + 3, j] = s2 * scale, s3 * scale
+    for r in range(group - group % 4, group):
+        qr = q[r]
+        s = np.float32(0.0)
+        for d in range(hd):
+            s += kj[d] * qr[d]
+        scores[r, j] = s * scale
+
+
+@helper
+def _weighted_values(v, j, g, e, acc):
+    """acc[r] += sum over i < 8 of e[r, j + i] * v[j + i, g], as one sum per element (a
+    fixed tree), for every query head r: each accumulator is loaded and stored once per 8
+    values."""
+    v0, v1, v2, v3 = v[j, g], v[j + 1, g], v[j + 2, g], v[j + 3, g]
+    v4, v5, v6, v7 = v[j + 4, g], v[j + 5, g], v[j + 6, g], v[j + 7, g]
+    for r in range(acc.shape[0]):
+        er, ar = e[r], acc[r]
+        e0, e1, e2, e3 = er[j], er[j + 1], er[j + 2], er[j + 3]
+        e4, e5, e6, e7 = er[j + 4], er[j + 5], er[j + 6], er[j + 7]
+        for d in range(ar.size):
+            ar[d] += (((e0 * v0[d] + e1 * v1[d]) + (e2 * v2[d] + e3 * v3[d]))
+                      + ((e4 * v4[d] + e5 * v5[d]) + (e6 * v6[d] + e7 * v7[d])))
+
+
 @kernel
 def attention(qg, kx, vx, q_norm, k_norm, eps, inv_freq, k_cache, v_cache, positions,
               tok_slot, out):
@@ -54,8 +94,10 @@ def attention(qg, kx, vx, q_norm, k_norm, eps, inv_freq, k_cache, v_cache, posit
             for d in range(hd):
                 v_cache[slot, p, g, d] = vx[t, g * hd + d]
     # Per (token, KV head): the query heads that share the head's keys and values go
-    # together, so each cached key and value is read once for all of them. Each (token,
-    # query head) still computes the same sums in the same order for any batch.
+    # together, so each cached key and value is read once for all of them. The values are
+    # summed 8 positions at a time (then one by one for the last p + 1 mod 8): the order
+    # depends on the position only, so each (token, query head) computes the same sums in
+    # the same order for any batch.
     scale = np.float32(1.0 / np.sqrt(hd))
     for i in prange(T * nkv):
         t, g = i // nkv, i % nkv
@@ -69,12 +111,7 @@ def attention(qg, kx, vx, q_norm, k_norm, eps, inv_freq, k_cache, v_cache, posit
             _norm_rope(qg[t, base:base + hd], q_norm, eps, cos, sin, q[r])
         scores = np.empty((group, p + 1), np.float32)
         for j in range(p + 1):
-            kj = k_cache[slot, j, g]
-            for r in range(group):
-                s = np.float32(0.0)
-                for d in range(hd):
-                    s += kj[d] * q[r, d]
-                scores[r, j] = s * scale
+            _scores(k_cache[slot, j, g], q, scale, scores, j)
         total = np.empty(group, np.float32)
         for r in range(group):
             m = np.float32(-np.inf)
@@ -87,12 +124,15 @@ def attention(qg, kx, vx, q_norm, k_norm, eps, inv_freq, k_cache, v_cache, posit
                 tr += scores[r, j]
             total[r] = tr
         acc = np.zeros((group, hd), np.float32)
-        for j in range(p + 1):
+        n = p + 1
+        for j in range(0, n - n % 8, 8):
+            _weighted_values(v_cache[slot], j, g, scores, acc)
+        for j in range(n - n % 8, n):
             vj = v_cache[slot, j, g]
             for r in range(group):
-                e = scores[r, j]
+                e, ar = scores[r, j], acc[r]
                 for d in range(hd):
-                    acc[r, d] += e * vj[d]
+                    ar[d] += e * vj[d]
         for r in range(group):
             h = g * group + r
             base = h * 2 * hd
