@@ -101,55 +101,106 @@ def plan_batch(tokens, positions, seq_ids, want_logits, slot_pos: np.ndarray,
             raise BatchError(f"logits flags must be booleans, got dtype {want.dtype}")
         want = want.astype(bool)
     n_slots = slot_pos.shape[0]
-
-    bad = np.flatnonzero((tok < 0) | (tok >= n_vocab))
-    if bad.size:
-        i = bad[0]
+    err, perm, starts, lens, out_rows = _planner()(tok, pos, seq, want, slot_pos, n_ctx,
+                                                    n_vocab)
+    code, i, a, b = (int(v) for v in err)
+    if code == _BAD_TOKEN:
         raise BatchError(f"token id {tok[i]} at batch index {i} is outside the vocabulary "
                          f"0..{n_vocab - 1}")
-    bad = np.flatnonzero((seq < 0) | (seq >= n_slots))
-    if bad.size:
-        i = bad[0]
+    if code == _BAD_SEQ:
         raise BatchError(f"sequence id {seq[i]} at batch index {i} is outside "
                          f"0..{n_slots - 1}")
-    bad = np.flatnonzero((pos < 0) | (pos >= n_ctx))
-    if bad.size:
-        i = bad[0]
+    if code == _BAD_POS:
         raise BatchError(f"position {pos[i]} at batch index {i} is outside the context "
                          f"0..{n_ctx - 1}")
-
-    # Group by slot, then by position; stable, so the plan is a pure function of the batch.
-    perm = np.lexsort((pos, seq))
-    g_seq, g_pos = seq[perm], pos[perm]
-    starts = np.flatnonzero(np.r_[True, g_seq[1:] != g_seq[:-1]])
-    lens = np.diff(np.r_[starts, T])
-    for s, n in zip(starts, lens):
-        slot = g_seq[s]
-        p = g_pos[s:s + n]
-        expect_first = int(slot_pos[slot]) + 1
-        if p[0] != 0 and p[0] != expect_first:
-            if expect_first == 0:
-                raise BatchError(f"sequence {slot} is empty, so its first position must be 0,"
-                                 f" got {p[0]}")
-            raise BatchError(f"sequence {slot} continues at position {expect_first} (or "
-                             f"restarts at 0), got {p[0]}")
-        steps = np.diff(p)
-        if np.any(steps != 1):
-            k = int(np.flatnonzero(steps != 1)[0])
-            what = "repeated" if steps[k] == 0 else "missing"
-            pp = p[k] + (0 if steps[k] == 0 else 1)
-            raise BatchError(f"sequence {slot}: position {pp} is {what} in the batch")
-
-    out_rows_batch = np.flatnonzero(want)
-    inv = np.empty(T, dtype=np.int64)
-    inv[perm] = np.arange(T)
+    if code == _BAD_START:          # i: the slot, a: its first position, b: the expected
+        if b == 0:
+            raise BatchError(f"sequence {i} is empty, so its first position must be 0,"
+                             f" got {a}")
+        raise BatchError(f"sequence {i} continues at position {b} (or "
+                         f"restarts at 0), got {a}")
+    if code == _BAD_STEP:           # i: the slot, a: the position, b: 0 repeated, else missing
+        what = "repeated" if b == 0 else "missing"
+        raise BatchError(f"sequence {i}: position {a} is {what} in the batch")
+    g_pos = pos[perm]
     return BatchPlan(
-        perm=perm.astype(np.int64),
+        perm=perm,
         tokens=tok[perm],
         positions=g_pos,
-        run_start=starts.astype(np.int64),
-        run_len=lens.astype(np.int64),
-        run_slot=g_seq[starts].astype(np.int64),
+        run_start=starts,
+        run_len=lens,
+        run_slot=seq[perm[starts]],
         run_reset=(g_pos[starts] == 0).astype(np.uint8),
-        out_rows=inv[out_rows_batch],
+        out_rows=out_rows,
     )
+
+
+_OK, _BAD_TOKEN, _BAD_SEQ, _BAD_POS, _BAD_START, _BAD_STEP = range(6)
+
+
+def _plan(tok, pos, seq, want, slot_pos, n_ctx, n_vocab):
+    """The checks and the grouping of plan_batch, compiled (a step's Python work runs
+    with cold caches after the weights have streamed through them; this is one call).
+    Returns (err [code, index or slot, a, b], perm, run starts, run lengths, out_rows);
+    the checks go in the order of their messages, each reporting its first offender."""
+    T = tok.size
+    err = np.zeros(4, np.int64)
+    empty = np.empty(0, np.int64)
+    checks = ((_BAD_TOKEN, tok, n_vocab), (_BAD_SEQ, seq, slot_pos.size), (_BAD_POS, pos, n_ctx))
+    for code, values, limit in checks:
+        for i in range(T):
+            if values[i] < 0 or values[i] >= limit:
+                err[0], err[1] = code, i
+                return err, empty, empty, empty, empty
+    # Group by slot, then by position; stable, so the plan is a pure function of the batch.
+    perm = np.argsort(seq * n_ctx + pos, kind="mergesort")
+    n_runs = 1
+    for j in range(1, T):
+        n_runs += seq[perm[j]] != seq[perm[j - 1]]
+    starts = np.empty(n_runs, np.int64)
+    lens = np.empty(n_runs, np.int64)
+    r = 0
+    for j in range(T):
+        if j == 0 or seq[perm[j]] != seq[perm[j - 1]]:
+            starts[r] = j
+            r += 1
+    for r in range(n_runs):
+        lens[r] = (starts[r + 1] if r + 1 < n_runs else T) - starts[r]
+        slot, first = seq[perm[starts[r]]], pos[perm[starts[r]]]
+        expect = slot_pos[slot] + 1
+        if first != 0 and first != expect:
+            err[0], err[1], err[2], err[3] = _BAD_START, slot, first, expect
+            return err, empty, empty, empty, empty
+        for j in range(starts[r] + 1, starts[r] + lens[r]):
+            step = pos[perm[j]] - pos[perm[j - 1]]
+            if step != 1:
+                err[0], err[1], err[3] = _BAD_STEP, slot, step
+                err[2] = pos[perm[j - 1]] + (0 if step == 0 else 1)
+                return err, empty, empty, empty, empty
+    inv = np.empty(T, np.int64)
+    for j in range(T):
+        inv[perm[j]] = j
+    n_out = 0
+    for i in range(T):
+        n_out += want[i]
+    out_rows = np.empty(n_out, np.int64)
+    k = 0
+    for i in range(T):
+        if want[i]:
+            out_rows[k] = inv[i]
+            k += 1
+    return err, perm, starts, lens, out_rows
+
+
+_compiled = None
+
+
+def _planner():
+    """_plan compiled on first use (numba loads when a batch is first planned, not on
+    import)."""
+    global _compiled
+    if _compiled is None:
+        import numba
+
+        _compiled = numba.njit(cache=True, nogil=True)(_plan)
+    return _compiled
