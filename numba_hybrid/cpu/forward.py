@@ -105,13 +105,7 @@ def expert_linear(x, src, w: QWeight, exp_start, tasks, out) -> None:
 def quantize(x: np.ndarray, kind: int):
     """Activations [T, K] -> ggml's 8-bit blocks of ``kind``: (xq, xd, n16, n32), see
     quantize.quantize_int8."""
-    T, K = x.shape
-    xq = np.empty((T, K), np.int8)
-    xd = np.empty((T, K // 32), np.float32)
-    n16 = np.empty((T, K // 16), np.int16)
-    n32 = np.empty((T, K // 32), np.int16)
-    quant_k.quantize_int8(x, kind, xq, xd, n16, n32)
-    return xq, xd, n16, n32
+    return quant_k.quantized_int8(x, kind)
 
 
 def linear_int(q, w: QWeight, out: np.ndarray) -> None:
@@ -124,9 +118,8 @@ def expert_tasks(counts: np.ndarray, w: QWeight):
     panels, (tasks, panels per task)."""
     if w.int_kernel:
         wp, kind = w.packed
-        gp = panels.tile(kind, int(counts.max()))[0]
-        return moe_k.tasks_for(counts, wp.shape[1], gp), gp
-    return moe_k.tasks_for(counts, w.n_rows, moe_k.RB)
+        return moe_k.task_list(counts, wp.shape[1], kind)
+    return moe_k.task_list(counts, w.n_rows, -1)[0]
 
 
 def expert_linear_int(q, src, w: QWeight, exp_start, tasks, out) -> None:

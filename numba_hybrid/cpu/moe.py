@@ -140,6 +140,14 @@ def tasks_for(counts, n_rows, block):
     return tasks
 
 
+@serial
+def task_list(counts, n, kind):
+    """tasks_for an expert matrix of n rows (kind < 0) or n panels of panel type kind,
+    with the block its kernel takes: (tasks, rows or panels per task)."""
+    block = RB if kind < 0 else panels.tile(kind, counts.max())[0]
+    return tasks_for(counts, n, block), block
+
+
 @kernel
 def expert_matmul_i8(x, src, qs, d, shift, exp_start, tasks, out):
     """expert_matmul for experts repacked to int8 values (Q8_0, Q6_K): qs int8 [E, N, K],

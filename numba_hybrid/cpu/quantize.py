@@ -13,7 +13,7 @@ import numba
 import numpy as np
 
 from ..quants import ACT_BF16, ACT_F16, ACT_NONE, ACT_Q8_0
-from .jit import PARALLEL
+from .jit import PARALLEL, serial
 
 strict = numba.njit(parallel=PARALLEL, fastmath=False, cache=True, nogil=True)
 strict_helper = numba.njit(fastmath=False, cache=True, nogil=True, inline="always")
@@ -136,3 +136,16 @@ def quantize_int8(x, kind, xq, xd, n16, n32):
                 for c in range(8):
                     xd[t, b * 8 + c] = d
                     n32[t, b * 8 + c] = n16[t, b * 16 + 2 * c] + n16[t, b * 16 + 2 * c + 1]
+
+
+@serial
+def quantized_int8(x, kind):
+    """quantize_int8 into new arrays: (xq, xd, n16, n32). One call from Python instead of
+    five (a decode step's Python runs with cold caches)."""
+    T, K = x.shape
+    xq = np.empty((T, K), np.int8)
+    xd = np.empty((T, K // 32), np.float32)
+    n16 = np.empty((T, K // 16), np.int16)
+    n32 = np.empty((T, K // 32), np.int16)
+    quantize_int8(x, kind, xq, xd, n16, n32)
+    return xq, xd, n16, n32
