@@ -177,6 +177,19 @@ def run_worker(engine: str, path: str, args, rep: int) -> dict:
     return json.loads(lines[-1][len("RESULT "):])
 
 
+def source_revision() -> str:
+    """The checkout's commit, marked "+changes" if numba_hybrid's sources differ from it."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        rev = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "numba_hybrid"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "an unknown commit"
+    return f"commit {rev}" + (" +changes" if dirty else "")
+
+
 # ---- the memory roofline ----------------------------------------------------------------
 
 def weight_bytes_per_token(path: str) -> int:
@@ -322,8 +335,8 @@ def main() -> None:
     bw = common.memory_bandwidth()
     lines = [f"# CPU comparison, {datetime.date.today()}", "",
              f"Machine: {common.machine()}. {args.threads} threads; numba_hybrid precision "
-             f"{args.precision!r}{peer_note}; medians of {args.reps} repetition(s); measured "
-             f"streaming read bandwidth {bw:.1f} GB/s.", ""]
+             f"{args.precision!r} at {source_revision()}{peer_note}; medians of {args.reps} "
+             f"repetition(s); measured streaming read bandwidth {bw:.1f} GB/s.", ""]
     names, all_targets = [], []
     for path in args.model:
         ours, theirs = [], []
