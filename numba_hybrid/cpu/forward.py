@@ -261,6 +261,15 @@ class CpuBackend:
             outs.append(np.ascontiguousarray(products[id(w)][..., start:stop]))
         return outs
 
+    def swiglu(self, x, layer, gate: str, up: str, out) -> None:
+        """out = silu(x @ W_gate^T) * (x @ W_up^T); a gate and up fused at load are one
+        product, [gate | up], read in place."""
+        fused = layer["fused"]
+        if gate in fused and up in fused and fused[gate][0] is fused[up][0]:
+            norm_k.swiglu_halves(self.matmul(x, fused[gate][0]), out)
+        else:
+            norm_k.swiglu(*self.matmuls(x, layer, (gate, up)), out)
+
     # ---- one step ---------------------------------------------------------------------
 
     def forward(self, state, plan) -> np.ndarray:
@@ -354,7 +363,7 @@ class CpuBackend:
         h = Input(h_array)
         if a.ffn_kind == "dense":
             act = np.empty((T, a.n_ff), np.float32)
-            norm_k.swiglu(*self.matmuls(h, layer, ("ffn_gate", "ffn_up")), act)
+            self.swiglu(h, layer, "ffn_gate", "ffn_up", act)
             return self.matmul(act, layer["ffn_down"])
         experts = np.empty((T, k), np.int64)
         weights = np.empty((T, k), np.float32)
@@ -384,7 +393,7 @@ class CpuBackend:
         moe_k.combine(y, pair_of, weights, out)
         if "ffn_down_shexp" in layer:
             act = np.empty((T, a.n_ff_shexp), np.float32)
-            norm_k.swiglu(*self.matmuls(h, layer, ("ffn_gate_shexp", "ffn_up_shexp")), act)
+            self.swiglu(h, layer, "ffn_gate_shexp", "ffn_up_shexp", act)
             moe_k.shared_gate(h_array, layer["ffn_gate_inp_shexp"],
                               self.matmul(act, layer["ffn_down_shexp"]), out)
         return out

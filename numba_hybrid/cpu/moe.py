@@ -185,7 +185,7 @@ def expert_matmul_q4(xl, xh, sl, sh, src, qs, dlo, dhi, mlo, mhi, shift, exp_sta
 @kernel
 def expert_matmul_panels(x, xd, n16, n32, src, wp, kind, gp, exp_start, tasks, out):
     """expert_matmul for experts in panels (wp uint8 [E, G, bytes]), on 8-bit activations;
-    tasks from tasks_for(counts, G, gp), gp panels per task."""
+    (tasks, gp) from task_list(counts, G, kind), gp panels per task."""
     G = wp.shape[1]
     tp = panels.tile(kind, 2)[1]
     for i in prange(tasks.shape[0]):

@@ -10,9 +10,9 @@ There is no horizontal reduction anywhere: lane r accumulates row r's dot produc
 outputs leave with one store.
 
 A kernel call takes ``ng`` panels and ``nt`` tokens, at most TILES[type] (``tile`` picks
-them): each decoded weight vector serves nt tokens, each broadcast activation ng panels. Per token and
-row lane the operations are the same, in the same order, for any ng and nt, so a token's
-result does not depend on the batch, bit for bit.
+them): each decoded weight vector serves nt tokens, each broadcast activation ng panels.
+Per token and row lane the operations are the same, in the same order, for any ng and nt,
+so a token's result does not depend on the batch, bit for bit.
 
 Arithmetic per (row, token); x are the activations' 8-bit integers, xd their scales, n16 and
 n32 their integer sums over 16 and 32 inputs (quantize_int8):
@@ -209,6 +209,22 @@ def _broadcast_x(builder, call, j, offset):
     return _splat(builder, _load(builder, call.xrow[j], offset, I32), V16I)
 
 
+def _step(builder, call, isub, ws, offset, vnni):
+    """One step for every panel r and token t: isub[r][t] += ws[r] . (the 4 activations
+    at offset of token t), each broadcast word serving all the panels."""
+    for t in range(len(isub[0])):
+        xb = _broadcast_x(builder, call, t, offset)
+        for r in range(len(isub)):
+            isub[r][t] = _dpbusd(builder, isub[r][t], ws[r], xb, vnni)
+
+
+def _add_scaled_sums(builder, isum, isub, scales):
+    """isum[r][t] += isub[r][t] * scales[r] (a sub-block's sums times its integer scales)."""
+    for r in range(len(isum)):
+        for t in range(len(isum[r])):
+            isum[r][t] = builder.add(isum[r][t], builder.mul(isub[r][t], scales[r]))
+
+
 def _q4_k_block(builder, call, sb, accs, ng, nt, vnni):
     base = [builder.gep(p, [builder.mul(sb, _c(BLOCK_BYTES[Q4_K]))]) for p in call.panels]
     low, four = ir.Constant(V64B, [15] * 64), ir.Constant(V64B, [4] * 64)
@@ -223,14 +239,10 @@ def _q4_k_block(builder, call, sb, accs, ng, nt, vnni):
                 ws.append((builder.and_(q, low), builder.lshr(q, four)))
             for half in range(2):
                 offset = builder.add(builder.mul(sb, _c(256)), _c(32 * j + 4 * (2 * v + half)))
-                for t in range(nt):
-                    xb = _broadcast_x(builder, call, t, offset)
-                    for r in range(ng):
-                        isub[r][t] = _dpbusd(builder, isub[r][t], ws[r][half], xb, vnni)
-        for r in range(ng):
-            sc = builder.zext(_load(builder, base[r], _c(64 + 16 * j), V16B), V16I)
-            for t in range(nt):
-                isum[r][t] = builder.add(isum[r][t], builder.mul(isub[r][t], sc))
+                _step(builder, call, isub, [w[half] for w in ws], offset, vnni)
+        _add_scaled_sums(builder, isum, isub,
+                         [builder.zext(_load(builder, base[r], _c(64 + 16 * j), V16B), V16I)
+                          for r in range(ng)])
     for r in range(ng):
         mins = [builder.zext(_load(builder, base[r], _c(192 + 32 * p), V32B), V32W)
                 for p in range(4)]
@@ -272,7 +284,8 @@ def _q6_k_block(builder, call, sb, accs, ng, nt, vnni):
             hi = _weights(builder, base[r], Q6_K_HIGH + 64 * u, ahead)
             steps = []
             for s in range(4):
-                nib = builder.and_(lo[s // 2], low) if s % 2 == 0 else builder.lshr(lo[s // 2], four)
+                nib = (builder.and_(lo[s // 2], low) if s % 2 == 0 else
+                       builder.lshr(lo[s // 2], four))
                 shift = 4 - 2 * s
                 h = (builder.shl(hi, ir.Constant(V64B, [shift] * 64)) if shift > 0 else
                      builder.lshr(hi, ir.Constant(V64B, [-shift] * 64)) if shift < 0 else hi)
@@ -280,14 +293,10 @@ def _q6_k_block(builder, call, sb, accs, ng, nt, vnni):
             ws.append(steps)
         for s in range(4):
             offset = builder.add(builder.mul(sb, _c(256)), _c(16 * u + 4 * s))
-            for t in range(nt):
-                xb = _broadcast_x(builder, call, t, offset)
-                for r in range(ng):
-                    isub[r][t] = _dpbusd(builder, isub[r][t], ws[r][s], xb, vnni)
-        for r in range(ng):
-            sc = builder.sext(_load(builder, base[r], _c(32 + 16 * u), V16B), V16I)
-            for t in range(nt):
-                isum[r][t] = builder.add(isum[r][t], builder.mul(isub[r][t], sc))
+            _step(builder, call, isub, [w[s] for w in ws], offset, vnni)
+        _add_scaled_sums(builder, isum, isub,
+                         [builder.sext(_load(builder, base[r], _c(32 + 16 * u), V16B), V16I)
+                          for r in range(ng)])
     for r in range(ng):
         d = _halves(builder, base[r], _c(0))
         for t in range(nt):
@@ -303,11 +312,7 @@ def _q8_0_block(builder, call, b, accs, ng, nt, vnni):
     isub = [list(isub) for _ in range(ng)]
     for s in range(8):
         ws = [_weights(builder, base[r], 32 + 64 * s) for r in range(ng)]
-        offset = builder.add(builder.mul(b, _c(32)), _c(4 * s))
-        for t in range(nt):
-            xb = _broadcast_x(builder, call, t, offset)
-            for r in range(ng):
-                isub[r][t] = _dpbusd(builder, isub[r][t], ws[r], xb, vnni)
+        _step(builder, call, isub, ws, builder.add(builder.mul(b, _c(32)), _c(4 * s)), vnni)
     for r in range(ng):
         d = _halves(builder, base[r], _c(0))
         for t in range(nt):
