@@ -1,6 +1,7 @@
 """Quantised GEMV / GEMM throughput of the CPU matmul kernels, as the backend runs them
-(Q8_0, Q6_K, Q4_0, Q4_1 and Q4_K through their load-time repacking, other types
-through the generic kernel).
+(through their load-time repacking: Q8_0, Q6_K, Q4_0, Q4_1 and Q4_K in "exact" precision,
+Q6_K and Q4_K in "fast"; Q8_0 in "fast" read in place; other types through the generic
+kernel).
 
 For each weight type and precision: check the kernel against the float64 product
 (refuses to time a wrong kernel), then time y = W x for one token (GEMV: GB/s counted at
@@ -10,8 +11,7 @@ measured beside the kernel: rounds of a streaming read over float32 buffers as l
 the weights, then the GEMV over as many weight copies; % is the median of the rounds'
 ratios, and each GB/s the median over rounds. "exact" multiplies float32 activations; "fast" quantises them to 8-bit
 blocks (the time of that is included) and runs the integer kernels for Q8_0, Q6_K and
-Q4_K on their own layouts (other types multiply the rounded activations in float32).
-Memory held per copy of the weights is the repacked size. Prints a table.
+Q4_K on their own layouts (other types multiply the rounded activations in float32). Prints a table.
 
     python bench/bench_gemv.py [--rows 4096] [--cols 4096] [--types Q8_0,Q4_K,Q6_K,Q4_0]
                                [--precision exact,fast]

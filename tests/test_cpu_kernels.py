@@ -18,7 +18,7 @@ from numba_hybrid.batch import plan_batch
 from numba_hybrid.cpu import attention as attn_k
 from numba_hybrid.cpu import conv as conv_k
 from numba_hybrid.cpu import deltanet as dn_k
-from numba_hybrid.cpu.forward import (REPACK_INT, expert_linear, expert_linear_int,
+from numba_hybrid.cpu.forward import (INT_TYPES, expert_linear, expert_linear_int,
                                       expert_tasks, linear, linear_int, qweight, quantize)
 from numba_hybrid.cpu import matmul as mm_k
 from numba_hybrid.cpu import moe as moe_k
@@ -123,7 +123,7 @@ def test_matmul(qtype, T, precision):
         linear(xr, packed, out)
         assert_close("matmul", ref, out)
     # Fast precision's integer kernels (8-bit activations times Q8_0, Q6_K, Q4_K).
-    if precision == "fast" and int(qtype) in REPACK_INT:
+    if precision == "fast" and int(qtype) in INT_TYPES:
         out = poisoned((T, n))
         linear_int(quantize(x, act), qweight(_Tensor(raw, qtype, (k, n)), fast=True), out)
         assert_close("matmul", ref, out)
@@ -378,12 +378,14 @@ def test_expert_matmul_int(qtype, T):
     assert_close("matmul", ref, out)
 
 
-@pytest.mark.parametrize("qtype", [QT.Q8_0, QT.Q6_K, QT.Q4_K], ids=lambda q: q.name)
-@pytest.mark.parametrize("k", [2304, 4352])
+@pytest.mark.parametrize("qtype, k", [(qt, k) for qt in (QT.Q8_0, QT.Q6_K, QT.Q4_K)
+                                      for k in (2304, 4352)] + [(QT.Q8_0, 800)],
+                         ids=lambda v: getattr(v, "name", v))
 def test_integer_kernels_give_every_token_the_same_bits_in_any_batch(qtype, k):
     """Three panels (the last partial), taken one and two per call, and tiles of every
-    size from 1 to 4 tokens: each token's result is bitwise the same computed alone or
-    among 29 others, and close to the float64 product."""
+    size from 1 to 4 tokens (Q8_0: blocks of 16 rows, the last partial; an odd number of
+    blocks in a row for k = 800): each token's result is bitwise the same computed alone
+    or among 29 others, and close to the float64 product."""
     rng = np.random.default_rng(k + int(qtype))
     n, T = 40, 30
     raw = random_weight(qtype, n, k, rng)

@@ -2,10 +2,11 @@
 
 Per step (one BatchPlan) each layer is a handful of kernel calls over all T tokens; the
 stateful ones (conv, delta-net scan, attention) take the plan's run arrays and update
-their slots in place. Q8_0, Q6_K, Q4_0, Q4_1 and Q4_K matrices are repacked once at load
-into the flat layouts their fast kernels read (a copy: 1.125, 1.25 and 0.75 bytes per
-weight for the three 4-bit types); every other weight stays in the file's memory map as
-raw GGML blocks.
+their slots in place. In precision="fast" (the default) Q6_K and Q4_K matrices are repacked
+once at load into the row panels of panels.py, and Q8_0 matrices are read in place by the
+kernel of rows.py; in "exact" Q8_0, Q6_K, Q4_0, Q4_1 and Q4_K are repacked into the flat
+float32-activation layouts of matmul.repack_*. Every other weight stays in the file's
+memory map as raw GGML blocks.
 """
 
 from __future__ import annotations
@@ -35,11 +36,12 @@ class QWeight:
 
     ``raw``: the file's GGML rows ``uint8 [(E,) N, bytes]`` (a view of the memory map).
     ``packed``: the load-time repacking its kernels read, or None for types read straight
-    from ``raw`` by the generic dequantise-a-tile kernel. ``int_kernel`` tells which: False,
-    the float32-activation layouts of matmul.repack_* (Q8_0, Q6_K, Q4_0, Q4_1, Q4_K; the last
-    element is the scale block's shift); True, the row panels of matmul.panel_* (Q8_0, Q6_K,
-    Q4_K in precision="fast": the panels and their type code), which take 8-bit
-    activations."""
+    from ``raw``. ``int_kernel``: whether the kernel takes 8-bit activations (precision
+    "fast"); then ``packed`` is the row panels of matmul.panel_* and their type code (Q6_K,
+    Q4_K), or ``rows`` the file's Q8_0 matrices whose rows this weight stacks (read in
+    place by rows.py). Otherwise ``packed`` is a float32-activation layout of
+    matmul.repack_* (Q8_0, Q6_K, Q4_0, Q4_1, Q4_K; its last element the scale block's
+    shift), or None for the generic dequantise-a-tile kernel."""
 
     raw: np.ndarray
     qtype: int
@@ -48,6 +50,7 @@ class QWeight:
     act: int            # how precision="fast" rounds this matrix's input (quants.ACT_*)
     packed: tuple | None = None
     int_kernel: bool = False
+    rows: tuple | None = None
 
 
 REPACK = {int(QT.Q8_0): mm_k.repack_q8_0, int(QT.Q6_K): mm_k.repack_q6_k,
@@ -57,14 +60,23 @@ INT8_PACKED = (int(QT.Q8_0), int(QT.Q6_K))
 Q4_PACKED = (int(QT.Q4_0), int(QT.Q4_1), int(QT.Q4_K))
 # Types with an integer kernel for 8-bit activations (precision="fast"); in that precision
 # the other types multiply the rounded activations in float32, with the same values.
-REPACK_INT = {int(QT.Q8_0): panels.Q8_0, int(QT.Q6_K): panels.Q6_K,
-              int(QT.Q4_K): panels.Q4_K}        # their panel type codes
+REPACK_INT = {int(QT.Q6_K): panels.Q6_K, int(QT.Q4_K): panels.Q4_K}   # their panel type codes
+ROWS_INT = (int(QT.Q8_0),)      # read in place, in the file's layout (rows.py)
+INT_TYPES = tuple(REPACK_INT) + ROWS_INT
 
 
 def raw_rows(t) -> np.ndarray:
     """Tensor t's GGML rows as bytes: uint8 [(E,) N, bytes] (a view of the memory map)."""
     return np.ascontiguousarray(t.data).view(np.uint8).reshape(tuple(reversed(t.ne))[:-1]
                                                                  + (-1,))
+
+
+def read_only(a: np.ndarray) -> np.ndarray:
+    """A read-only view of a: the matrices a rows kernel takes together must have one type
+    (most are views of the read-only map; a few were made at load)."""
+    v = a.view()
+    v.flags.writeable = False
+    return v
 
 
 def qweight(t, repack: bool = True, fast: bool = False) -> QWeight:
@@ -76,6 +88,8 @@ def qweight(t, repack: bool = True, fast: bool = False) -> QWeight:
     if repack and fast and qtype in REPACK_INT:
         return QWeight(raw, qtype, lead[-1], int(t.ne[0]), kind,
                        mm_k.panels_of(raw, REPACK_INT[qtype]), True)
+    if repack and fast and qtype in ROWS_INT:
+        return QWeight(raw, qtype, lead[-1], int(t.ne[0]), kind, None, True, (read_only(raw),))
     packed = REPACK[qtype](raw) if repack and qtype in REPACK else None
     return QWeight(raw, qtype, lead[-1], int(t.ne[0]), kind, packed)
 
@@ -109,21 +123,27 @@ def quantize(x: np.ndarray, kind: int):
 
 
 def linear_int(q, w: QWeight, out: np.ndarray) -> None:
-    """out [T, N] = the 8-bit activations q (quantize) @ W^T, W in panels."""
-    mm_k.matmul_panels(*q, *w.packed, out)
+    """out [T, N] = the 8-bit activations q (quantize) @ W^T, W in panels or rows."""
+    if w.rows is not None:
+        mm_k.matmul_q8_0_rows(*q, w.rows, out)
+    else:
+        mm_k.matmul_panels(*q, *w.packed, out)
 
 
 def expert_tasks(counts: np.ndarray, w: QWeight):
     """The (expert, block) work list of expert_linear or expert_linear_int for w; for
     panels, (tasks, panels per task)."""
-    if w.int_kernel:
+    if w.packed is not None and w.int_kernel:
         wp, kind = w.packed
         return moe_k.task_list(counts, wp.shape[1], kind)
     return moe_k.task_list(counts, w.n_rows, -1)[0]
 
 
 def expert_linear_int(q, src, w: QWeight, exp_start, tasks, out) -> None:
-    """expert_linear on 8-bit activations, W in panels (tasks: expert_tasks)."""
+    """expert_linear on 8-bit activations, W in panels or rows (tasks: expert_tasks)."""
+    if w.rows is not None:
+        moe_k.expert_matmul_q8_0_rows(*q, src, w.rows, exp_start, tasks, out)
+        return
     wp, kind = w.packed
     work, gp = tasks
     moe_k.expert_matmul_panels(*q, src, wp, kind, gp, exp_start, work, out)
@@ -159,7 +179,8 @@ class Input:
 
 
 # Matrices that multiply the same input, fused at load into one product where they are
-# panels of one type (fewer kernel calls per step; each call costs ~10-20 us on one token).
+# panels or rows of one type (fewer kernel calls per step; each call costs ~10-20 us on one
+# token).
 FUSED = (("attn_qkv", "attn_gate", "ssm_beta", "ssm_alpha"), ("attn_q", "attn_k", "attn_v"),
          ("ffn_gate", "ffn_up"), ("ffn_gate_shexp", "ffn_up_shexp"),
          ("ffn_gate_exps", "ffn_up_exps"))
@@ -167,17 +188,19 @@ FUSED = (("attn_qkv", "attn_gate", "ssm_beta", "ssm_alpha"), ("attn_q", "attn_k"
 
 def fusable_runs(tensors: dict, names, fast: bool) -> list:
     """The runs of consecutive matrices among ``names`` (those present) that fast precision
-    turns into panels of one type and row length, all but the last of a run a whole number
-    of panels: each run of two or more is fused into one product."""
+    gives an integer kernel of one type and row length, all but the last of a run a whole
+    number of panels where they are panels: each run of two or more is fused into one
+    product."""
     present = [n for n in names if n in tensors]
     runs, i = [], 0
     while i < len(present):
         first, j = tensors[present[i]], i + 1
-        while (fast and int(first.qtype) in REPACK_INT and j < len(present)
+        while (fast and int(first.qtype) in INT_TYPES and j < len(present)
                and tensors[present[j]].qtype == first.qtype
                and tensors[present[j]].ne[0] == first.ne[0]
                and tuple(tensors[present[j]].ne[2:]) == tuple(first.ne[2:])
-               and int(tensors[present[j - 1]].ne[1]) % panels.PANEL == 0):
+               and (int(first.qtype) in ROWS_INT
+                    or int(tensors[present[j - 1]].ne[1]) % panels.PANEL == 0)):
             j += 1
         if j - i > 1:
             runs.append(present[i:j])
@@ -187,9 +210,16 @@ def fusable_runs(tensors: dict, names, fast: bool) -> list:
 
 def fused_qweight(ts: list) -> tuple[QWeight, list]:
     """One QWeight for the matrices ts (a fusable run), their panels written straight into
-    one buffer; and each member's (first row, end row)."""
+    one buffer (or their rows read in place, one after the other); and each member's
+    (first row, end row)."""
     raws = [raw_rows(t) for t in ts]
     qtype = int(ts[0].qtype)
+    edges = np.cumsum([0] + [r.shape[-2] for r in raws])
+    spans = [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
+    if qtype in ROWS_INT:
+        return QWeight(raws[0], qtype, int(edges[-1]), int(ts[0].ne[0]),
+                       activation_kind(ts[0].qtype), None, True,
+                       tuple(read_only(r) for r in raws)), spans
     kind = REPACK_INT[qtype]
     shapes = [mm_k.panel_shape(r, kind) for r in raws]
     total = shapes[0][:-2] + (sum(sh[-2] for sh in shapes), shapes[0][-1])
@@ -198,11 +228,9 @@ def fused_qweight(ts: list) -> tuple[QWeight, list]:
     for raw, sh in zip(raws, shapes):
         mm_k.panels_into(raw, kind, out, g0)
         g0 += sh[-2]
-    rows = [r.shape[-2] for r in raws]
-    edges = np.cumsum([0] + rows)
     w = QWeight(raws[0], qtype, int(edges[-1]), int(ts[0].ne[0]), activation_kind(ts[0].qtype),
                 (out, kind), True)
-    return w, [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
+    return w, spans
 
 
 def vector(t) -> np.ndarray:

@@ -14,7 +14,7 @@ import numpy as np
 
 from .dequant import F16_TABLE, dequant_row
 from .jit import helper, kernel, prange
-from . import panels
+from . import panels, rows
 
 RB = 16
 
@@ -343,18 +343,6 @@ def _panel_row_q6_k(row, o, o32, rr):
             o32[(dst + panels.Q6_K_HIGH + 64 * u) // 4 + rr] = hi
 
 
-@helper
-def _panel_row_q8_0(row, o, o32, rr):
-    """Q8_0 row rr of a panel: the file's blocks (34 bytes) -> the panel's (544), the
-    weights stored + 128."""
-    for b in range(row.size // 34):
-        src, dst = 34 * b, 544 * b
-        o[dst + 2 * rr] = row[src]
-        o[dst + 2 * rr + 1] = row[src + 1]
-        for s in range(8):
-            o32[(dst + 32 + 64 * s) // 4 + rr] = _word(row, src + 2 + 4 * s) ^ 0x80808080
-
-
 @kernel
 def _panel_rows(raw, kind, out, out32, g0):
     """Raw rows uint8 [M, N, bytes] of panel type ``kind`` -> panels g0, g0 + 1, ... of
@@ -368,13 +356,11 @@ def _panel_rows(raw, kind, out, out32, g0):
             row = raw[m, g * panels.PANEL + rr]
             if kind == panels.Q4_K:
                 _panel_row_q4_k(row, o, o32, rr)
-            elif kind == panels.Q6_K:
-                _panel_row_q6_k(row, o, o32, rr)
             else:
-                _panel_row_q8_0(row, o, o32, rr)
+                _panel_row_q6_k(row, o, o32, rr)
 
 
-FILE_BLOCK_BYTES = {panels.Q4_K: 144, panels.Q6_K: 210, panels.Q8_0: 34}
+FILE_BLOCK_BYTES = {panels.Q4_K: 144, panels.Q6_K: 210}
 
 
 def panel_shape(raw: np.ndarray, kind: int) -> tuple:
@@ -422,3 +408,30 @@ def matmul_panels(x, xd, n16, n32, wp, kind, out):
         ng = min(gp, G - g0)
         for i0 in range(0, T, tp):
             panels.panel_tile(kind, wp, x, xd, n16, n32, tok, i0, min(tp, T - i0), g0, ng, out)
+
+
+
+# Q8_0 in precision="fast": the file's rows read in place (rows.py). ``ws`` is a tuple of
+# Q8_0 matrices with the same row length whose rows are stacked into one product (the
+# matrices fused at load: forward.FUSED).
+
+@kernel
+def matmul_q8_0_rows(x, xd, n16, n32, ws, out):
+    """8-bit activations (quantize.quantize_int8, Q8_0 blocks) times the Q8_0 matrices ws
+    (uint8 [N_m, 34 K/32] each, the file's bytes) -> out [T, sum of N_m]. Tasks are blocks
+    of RB rows; tokens go by rows.TOKENS, each block of rows passing once per group."""
+    T, N = x.shape[0], out.shape[1]
+    negs = rows.q8_0_negs(x)
+    tok = np.arange(T)
+    for b in prange((N + RB - 1) // RB):
+        r0 = b * RB
+        r1 = min(N, r0 + RB)
+        for i0 in range(0, T, rows.TOKENS):
+            nt = min(rows.TOKENS, T - i0)
+            start = 0
+            for m in range(len(ws)):
+                n = ws[m].shape[0]
+                lo, hi = max(r0, start), min(r1, start + n)
+                if lo < hi:
+                    rows.q8_0_rows(ws[m], x, xd, negs, tok, i0, nt, lo - start, hi - lo, out, lo)
+                start += n

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import panels
+from . import panels, rows
 from .dequant import dequant_row
 from .jit import kernel, prange, serial
 from .matmul import RB, dot, dot_i8, dot_q4
@@ -196,3 +196,27 @@ def expert_matmul_panels(x, xd, n16, n32, src, wp, kind, gp, exp_start, tasks, o
         for i0 in range(p0, p1, tp):
             panels.panel_tile(kind, wp[e], x, xd, n16, n32, src, i0, min(tp, p1 - i0), g0, ng,
                               out)
+
+
+@kernel
+def expert_matmul_q8_0_rows(x, xd, n16, n32, src, ws, exp_start, tasks, out):
+    """expert_matmul for Q8_0 experts in the file's layout, on 8-bit activations: ws a
+    tuple of uint8 [E, N_m, 34 K/32] whose rows are stacked (matmul.matmul_q8_0_rows);
+    tasks from task_list(counts, sum of N_m, -1)."""
+    negs = rows.q8_0_negs(x)
+    N = out.shape[1]
+    for i in prange(tasks.shape[0]):
+        e, b = tasks[i, 0], tasks[i, 1]
+        p0, p1 = exp_start[e], exp_start[e + 1]
+        r0 = b * RB
+        r1 = min(N, r0 + RB)
+        for i0 in range(p0, p1, rows.TOKENS):
+            nt = min(rows.TOKENS, p1 - i0)
+            start = 0
+            for m in range(len(ws)):
+                n = ws[m].shape[1]
+                lo, hi = max(r0, start), min(r1, start + n)
+                if lo < hi:
+                    rows.q8_0_rows(ws[m][e], x, xd, negs, src, i0, nt, lo - start, hi - lo, out,
+                                   lo)
+                start += n

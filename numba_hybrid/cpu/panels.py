@@ -1,7 +1,8 @@
 """Integer matmul on row panels: 16 weight rows interleaved, one row per vector lane.
 
-``precision="fast"`` multiplies 8-bit activations (quantize.quantize_int8) with Q8_0, Q4_K
-and Q6_K weights in integers. At load each matrix is repacked into panels of 16 rows
+``precision="fast"`` multiplies 8-bit activations (quantize.quantize_int8) with Q4_K and
+Q6_K weights in integers (Q8_0: rows.py, on the file's own layout). At load each matrix is
+repacked into panels of 16 rows
 (``panel_*`` in matmul.py; the last panel padded with zero rows). In a panel, the weights
 of one "step" (4 consecutive inputs of each of the 16 rows) fill one 64-byte vector, row r
 in 32-bit lane r, as unsigned bytes. A step is one ``vpdpbusd``: the 4 activations, one
@@ -23,10 +24,8 @@ n32 their integer sums over 16 and 32 inputs (quantize_int8):
 * Q6_K (super-blocks of 256; sub-blocks of 16 with int8 scale sc; q in 0..63 stands for
   q - 32): isum = sum_u sc_u * ((q . x)_u - 32 * n16_u) in int32 (each sub-block's sum
   starts at -32 * n16_u), then acc += float(isum) * (d * xd).
-* Q8_0 (blocks of 32; weights w stored as w + 128): isum = (w + 128) . x - 128 * n32, the
-  exact w . x (|.| < 2^19), then acc += float(isum) * (d * xd).
 
-Panel layouts, in bytes, per super-block (Q4_K, Q6_K) or block (Q8_0) of the 16 rows:
+Panel layouts, in bytes, per super-block of the 16 rows:
 
 * Q4_K, 2368 (0.578 per weight): d and dmin as 16 f16 each; the scales [8 sub-blocks][16];
   the mins as [4 pairs of sub-blocks][16][2]; then per sub-block 4 vectors, vector v holding
@@ -35,7 +34,6 @@ Panel layouts, in bytes, per super-block (Q4_K, Q6_K) or block (Q8_0) of the 16 
   zeros, so that the weight vectors start on a cache line (as every panel does); the low
   4 bits, per sub-block 2 vectors (steps 2v and 2v + 1 in the low and high nibbles); the
   high 2 bits, per sub-block one vector (step s in bits 2s, 2s + 1).
-* Q8_0, 544 (1.0625, the file's size): d as 16 f16, then the 8 steps.
 
 ``vpdpbusd`` is AVX512-VNNI; on CPUs without it the same sums come from portable IR (LLVM
 picks the best it has, e.g. ``vpmaddwd``): integers, so the results are identical.
@@ -56,17 +54,17 @@ from numba.extending import intrinsic
 from .jit import helper
 
 PANEL = 16          # rows per panel
-Q4_K, Q6_K, Q8_0 = 0, 1, 2      # the kernels' type codes
+Q4_K, Q6_K = 0, 1      # the kernels' type codes
 # Panels and tokens per kernel call, at most (measured, 2 threads, T = 512: Q4_K 1 x 6 at
-# 1360 GFLOP/s against 1050 for 2 x 4; Q8_0 2 x 4 at 1400 against 1110 for 1 x 4).
-TILES = ((1, 6), (2, 4), (2, 4))        # by type code
+# 1360 GFLOP/s against 1050 for 2 x 4).
+TILES = ((1, 6), (2, 4))        # by type code
 PANELS = max(p for p, _ in TILES)
 TOKENS = max(t for _, t in TILES)
-BLOCK_BYTES = {Q4_K: 2368, Q6_K: 3392, Q8_0: 544}
+BLOCK_BYTES = {Q4_K: 2368, Q6_K: 3392}
 # Q6_K: where the low 4 bits and the high 2 bits start (after d, the scales and 32 bytes
 # of zeros that align the weight vectors to cache lines)
 Q6_K_LOW, Q6_K_HIGH = 320, 2368
-BLOCK_INPUTS = {Q4_K: 256, Q6_K: 256, Q8_0: 32}
+BLOCK_INPUTS = {Q4_K: 256, Q6_K: 256}
 
 F32, F16 = ir.FloatType(), ir.HalfType()
 I8, I16, I32, I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
@@ -303,23 +301,7 @@ def _q6_k_block(builder, call, sb, accs, ng, nt, vnni):
             _add_scaled(builder, call, accs, r, t, isum[r][t], d, builder.mul(sb, _c(8)))
 
 
-def _q8_0_block(builder, call, b, accs, ng, nt, vnni):
-    base = [builder.gep(p, [builder.mul(b, _c(BLOCK_BYTES[Q8_0]))]) for p in call.panels]
-    isub = []
-    for t in range(nt):
-        n = builder.sext(_load(builder, call.n32row[t], b, I16), I32)
-        isub.append(_splat(builder, builder.mul(n, _c(-128, I32)), V16I))
-    isub = [list(isub) for _ in range(ng)]
-    for s in range(8):
-        ws = [_weights(builder, base[r], 32 + 64 * s) for r in range(ng)]
-        _step(builder, call, isub, ws, builder.add(builder.mul(b, _c(32)), _c(4 * s)), vnni)
-    for r in range(ng):
-        d = _halves(builder, base[r], _c(0))
-        for t in range(nt):
-            _add_scaled(builder, call, accs, r, t, isub[r][t], d, b)
-
-
-_BLOCK = {Q4_K: _q4_k_block, Q6_K: _q6_k_block, Q8_0: _q8_0_block}
+_BLOCK = {Q4_K: _q4_k_block, Q6_K: _q6_k_block}
 
 
 def _emit(context, builder, sig, args, kind, ng, nt, vnni):
@@ -373,7 +355,7 @@ def _codegen(context, builder, sig, args):
 def panel_tile(typingctx, kind, wp, x, xd, n16, n32, tok, i0, nt, g0, ng, out):
     """out[i0 + j, 16 (g0 + r) + lane] = row 16 (g0 + r) + lane of the panels wp (uint8
     [G, bytes]) . the activations of token tok[i0 + j], for j < nt and r < ng, with
-    (ng, nt) at most TILES[kind]; kind: Q4_K, Q6_K or Q8_0 (a code above)."""
+    (ng, nt) at most TILES[kind]; kind: Q4_K or Q6_K (a code above)."""
     sig = types.none(kind, wp, x, xd, n16, n32, tok, i0, nt, g0, ng, out)
     return sig, _codegen
 
