@@ -421,7 +421,7 @@ def matmul_q8_0_rows(x, xd, n16, n32, ws, out):
     (uint8 [N_m, 34 K/32] each, the file's bytes) -> out [T, sum of N_m]. Tasks are blocks
     of RB rows; tokens go by rows.TOKENS, each block of rows passing once per group."""
     T, N = x.shape[0], out.shape[1]
-    xa = rows.q8_0_activations(x, xd)
+    negs = rows.q8_0_negs(x)
     tok = np.arange(T)
     for b in prange((N + RB - 1) // RB):
         r0 = b * RB
@@ -433,5 +433,5 @@ def matmul_q8_0_rows(x, xd, n16, n32, ws, out):
                 n = ws[m].shape[0]
                 lo, hi = max(r0, start), min(r1, start + n)
                 if lo < hi:
-                    rows.q8_0_rows(ws[m], xa, tok, i0, nt, lo - start, hi - lo, out, lo)
+                    rows.q8_0_rows(ws[m], x, xd, negs, tok, i0, nt, lo - start, hi - lo, out, lo)
                 start += n

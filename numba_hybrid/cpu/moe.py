@@ -203,7 +203,7 @@ def expert_matmul_q8_0_rows(x, xd, n16, n32, src, ws, exp_start, tasks, out):
     """expert_matmul for Q8_0 experts in the file's layout, on 8-bit activations: ws a
     tuple of uint8 [E, N_m, 34 K/32] whose rows are stacked (matmul.matmul_q8_0_rows);
     tasks from task_list(counts, sum of N_m, -1)."""
-    xa = rows.q8_0_activations(x, xd)
+    negs = rows.q8_0_negs(x)
     N = out.shape[1]
     for i in prange(tasks.shape[0]):
         e, b = tasks[i, 0], tasks[i, 1]
@@ -217,5 +217,6 @@ def expert_matmul_q8_0_rows(x, xd, n16, n32, src, ws, exp_start, tasks, out):
                 n = ws[m].shape[1]
                 lo, hi = max(r0, start), min(r1, start + n)
                 if lo < hi:
-                    rows.q8_0_rows(ws[m][e], xa, src, i0, nt, lo - start, hi - lo, out, lo)
+                    rows.q8_0_rows(ws[m][e], x, xd, negs, src, i0, nt, lo - start, hi - lo, out,
+                                   lo)
                 start += n

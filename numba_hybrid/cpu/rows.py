@@ -34,7 +34,7 @@ from numba.extending import intrinsic
 
 from .jit import helper
 from .panels import (F16, F32, I8, I16, I32, V16F, V16I, V64B, _c, _consts, _dpbusd, _fma,
-                     _has_vnni, _load, _prefetch)
+                     _has_vnni, _load, _prefetch, _splat)
 
 TOKENS = 4              # tokens per call, at most
 BLOCK = 34              # bytes per Q8_0 block: f16 d, 32 int8
@@ -43,37 +43,25 @@ ACCS = 2                # accumulators per (row, token), taking alternate pairs 
 # from DRAM, one token: none 28 GB/s, 512 B 40, 1024 B 40, 2048 B 39).
 PREFETCH = 1024
 V32W = ir.VectorType(I16, 32)
+V2F = ir.VectorType(F32, 2)
 # From the 128 bytes of two loads, at 68 b and 68 b + 4: block 2b's weights (bytes 2-33 of
 # the first) and block 2b + 1's (bytes 32-63 of the second, 96-127 of the pair).
 _PICK = _consts(list(range(2, 34)) + list(range(96, 128)))
 # Block 2b's scale is word 0 of the first load, block 2b + 1's word 17.
 _SCALES = _consts([0] * 8 + [17] * 8)
-PAIR_BYTES = 192        # a pair of blocks' activations, as q8_0_activations lays them out
+_HALVES = _consts([0] * 8 + [1] * 8)
 
 
 @helper
-def q8_0_activations(xq, xd):
-    """8-bit activations (quantize.quantize_int8: xq int8 [T, K], xd [T, K/32]) as the
-    kernel reads them, one run of 192 bytes per pair of blocks and token: the 64 values
-    (zeros past the last block), the 16 int32 sums a row's sums start from (-128 * each 4
-    values summed) and the two blocks' scales, each over 8 float lanes. int32 [T, pairs,
-    48]. One pointer per token: a call's tokens then leave the registers to the loop."""
+def q8_0_negs(xq):
+    """-128 * the sums of each 4 consecutive 8-bit activations: int32 [T, K/4]."""
     T, K = xq.shape
-    nb = K // 32
-    n = (nb + 1) // 2
-    out = np.zeros((T, n, 48), np.int32)
-    values = out.view(np.int8)
-    scales = out.view(np.float32)
+    out = np.empty((T, K // 4), np.int32)
     for t in range(T):
-        for b in range(nb):
-            g, h = b // 2, b % 2
-            for i in range(32):
-                values[t, g, 32 * h + i] = xq[t, 32 * b + i]
-            for i in range(8):
-                s = np.int32(xq[t, 32 * b + 4 * i]) + np.int32(xq[t, 32 * b + 4 * i + 1])
-                s += np.int32(xq[t, 32 * b + 4 * i + 2]) + np.int32(xq[t, 32 * b + 4 * i + 3])
-                out[t, g, 16 + 8 * h + i] = -128 * s
-                scales[t, g, 32 + 8 * h + i] = xd[t, b]
+        for i in range(K // 4):
+            s = np.int32(xq[t, 4 * i]) + np.int32(xq[t, 4 * i + 1])
+            s += np.int32(xq[t, 4 * i + 2]) + np.int32(xq[t, 4 * i + 3])
+            out[t, i] = -128 * s
     return out
 
 
@@ -87,16 +75,19 @@ def _hsum16(builder, v):
 
 
 def _emit(context, builder, sig, args, nt, vnni):
-    w, xa, tok, out = (context.make_array(sig.args[i])(context, builder, args[i])
-                       for i in (0, 1, 2, 7))
+    w, x, xd, negs, tok, out = (context.make_array(sig.args[i])(context, builder, args[i])
+                                for i in (0, 1, 2, 3, 4, 9))
     cast = lambda i: context.cast(builder, args[i], sig.args[i], types.int64)  # noqa: E731
-    i0, r0, nr, c0 = cast(3), cast(5), cast(6), cast(8)
-    nb = builder.udiv(builder.extract_value(w.shape, 1), _c(BLOCK))
+    i0, r0, nr, c0 = cast(5), cast(7), cast(8), cast(10)
+    K = builder.extract_value(x.shape, 1)
     wstride = builder.extract_value(w.strides, 0)
-    xa_base = builder.bitcast(xa.data, I8.as_pointer())
-    xstride = builder.extract_value(xa.strides, 0)
-    xrow = [builder.gep(xa_base, [builder.mul(builder.load(builder.gep(tok.data, [
-        builder.add(i0, _c(j))])), xstride)]) for j in range(nt)]
+    xrow, xdrow, nrow = [], [], []
+    for j in range(nt):
+        t = builder.load(builder.gep(tok.data, [builder.add(i0, _c(j))]))
+        xrow.append(builder.gep(x.data, [builder.mul(t, K)]))
+        xdrow.append(builder.gep(xd.data, [builder.mul(t, builder.lshr(K, _c(5)))]))
+        nrow.append(builder.gep(builder.bitcast(negs.data, I8.as_pointer()),
+                                [builder.mul(t, K)]))
     accs = [[cgutils.alloca_once(builder, V16F) for _ in range(ACCS)] for _ in range(nt)]
     bias = ir.Constant(V64B, [0x80] * 64)
     base = builder.bitcast(out.data, I8.as_pointer())
@@ -107,10 +98,10 @@ def _emit(context, builder, sig, args, nt, vnni):
         for a in accs:
             for u in a:
                 builder.store(ir.Constant(V16F, None), u)
-        _row(builder, row, col, nb, xrow, accs, base, ostride, i0, nt, bias, vnni)
+        _row(builder, row, col, K, xrow, xdrow, nrow, accs, base, ostride, i0, nt, bias, vnni)
 
 
-def _row(builder, row, col, nb, xrow, accs, base, ostride, i0, nt, bias, vnni):
+def _row(builder, row, col, K, xrow, xdrow, nrow, accs, base, ostride, i0, nt, bias, vnni):
 
     def pair(g, u, last):
         """Blocks 2g and 2g + 1 into accumulator u; ``last``: block 2g alone (an odd
@@ -132,15 +123,22 @@ def _row(builder, row, col, nb, xrow, accs, base, ostride, i0, nt, bias, vnni):
             d = builder.shuffle_vector(d, ir.Constant(V16F, None),
                                        _consts(list(range(8)) + list(range(16, 24))))
         for j in range(nt):
-            at = builder.mul(g, _c(PAIR_BYTES))
-            xv = _load(builder, xrow[j], at, V64B)
-            ng = _load(builder, xrow[j], builder.add(at, _c(64)), V16I)
-            sx = _load(builder, xrow[j], builder.add(at, _c(128)), V16F)
+            if last:
+                xv = _load(builder, xrow[j], builder.mul(g, _c(64)), ir.VectorType(I8, 32))
+                xv = builder.shuffle_vector(xv, ir.Constant(xv.type, None), _consts(range(64)))
+                ng = _load(builder, nrow[j], builder.mul(g, _c(64)), ir.VectorType(I32, 8))
+                ng = builder.shuffle_vector(ng, ir.Constant(ng.type, None), _consts(range(16)))
+                sx = _splat(builder, _load(builder, xdrow[j], builder.mul(g, _c(2)), F32), V2F)
+            else:
+                xv = _load(builder, xrow[j], builder.mul(g, _c(64)), V64B)
+                ng = _load(builder, nrow[j], builder.mul(g, _c(64)), V16I)
+                sx = _load(builder, xdrow[j], builder.mul(g, _c(2)), V2F)
             p = _dpbusd(builder, ng, ws, xv, vnni)
-            scale = builder.fmul(d, sx)
+            scale = builder.fmul(d, builder.shuffle_vector(sx, sx, _HALVES))
             acc = builder.load(accs[j][u])
             builder.store(_fma(builder, builder.sitofp(p, V16F), scale, acc), accs[j][u])
 
+    nb = builder.udiv(K, _c(32))
     npairs = builder.udiv(nb, _c(2))
     groups = builder.udiv(npairs, _c(ACCS))
     with cgutils.for_range(builder, groups) as loop:
@@ -162,7 +160,7 @@ def _row(builder, row, col, nb, xrow, accs, base, ostride, i0, nt, bias, vnni):
 
 
 def _codegen(context, builder, sig, args):
-    nt = context.cast(builder, args[4], sig.args[4], types.int64)
+    nt = context.cast(builder, args[6], sig.args[6], types.int64)
     end = builder.append_basic_block("rows_end")
     switch = builder.switch(nt, end)
     vnni = _has_vnni()
@@ -177,9 +175,9 @@ def _codegen(context, builder, sig, args):
 
 
 @intrinsic
-def q8_0_rows(typingctx, w, xa, tok, i0, nt, r0, nr, out, c0):
+def q8_0_rows(typingctx, w, x, xd, negs, tok, i0, nt, r0, nr, out, c0):
     """out[i0 + j, c0 + i] = Q8_0 row r0 + i of w (uint8 [N, 34 K/32], the file's bytes)
-    . the 8-bit activations of token tok[i0 + j] (xa = q8_0_activations), for i < nr and
-    j < nt <= TOKENS."""
-    sig = types.none(w, xa, tok, i0, nt, r0, nr, out, c0)
+    . the 8-bit activations of token tok[i0 + j] (x, xd; negs = q8_0_negs(x)), for i < nr
+    and j < nt <= TOKENS."""
+    sig = types.none(w, x, xd, negs, tok, i0, nt, r0, nr, out, c0)
     return sig, _codegen
