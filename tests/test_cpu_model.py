@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import numba_hybrid as nh
-from oracle import FIXTURES, MODELS, deq_reference_name, gguf_path, logits, rel_l2, sequences
+from oracle import FIXTURES, deq_reference_name, gguf_path, logits, rel_l2, sequences
 
 N_SLOTS = 8
 
@@ -105,6 +105,29 @@ def test_batch_invariance_is_bitwise(model, wtype, precision, seed):
     for i in _prompts(model):
         assert np.array_equal(by_token[i], whole[i]), f"sequence {i}: token-by-token != prefill"
         assert np.array_equal(mixed[i], whole[i]), f"sequence {i}: mixed batch != alone"
+
+
+@pytest.mark.parametrize("model,wtype", [("qwen35moe-tiny", "q6_k"), ("qwen3next-tiny", "q4_k_m")])
+def test_compiled_moe_block_gives_the_python_paths_bits(model, wtype):
+    """The MoE block as one compiled call (moe.moe_panels, taken where the experts are in
+    panels) and as the Python sequence of kernel calls it stands for give the same logits,
+    bit for bit, on a batch of two sequences (a prompt and a decode step)."""
+    m = nh.load(gguf_path(model, wtype), device="cpu", n_slots=2, n_ctx=64, precision="fast")
+    assert all("moe_panels" in layer for layer in m.backend.layers)
+    ids = sequences(model)["s40"]
+    tokens = list(ids[:9]) + [int(ids[20])]
+    positions = list(range(9)) + [0]
+    seqs = [0] * 9 + [1]
+
+    def run():
+        for s in (0, 1):
+            m.reset(s)
+        return m.decode(tokens, positions, seqs)
+
+    compiled = run()
+    for layer in m.backend.layers:
+        del layer["moe_panels"]
+    np.testing.assert_array_equal(run(), compiled)
 
 
 def test_fast_matches_reference_with_the_same_activation_rounding():

@@ -13,7 +13,9 @@ import numpy as np
 from . import panels, rows
 from .dequant import dequant_row
 from .jit import kernel, prange, serial
-from .matmul import RB, dot, dot_i8, dot_q4
+from .matmul import RB, dot, dot_i8, dot_q4, matmul, matmul_panels
+from .norm import swiglu_halves
+from .quantize import quantized_int8
 from .simd import exp32
 
 
@@ -220,3 +222,47 @@ def expert_matmul_q8_0_rows(x, xd, n16, n32, src, ws, exp_start, tasks, out):
                     rows.q8_0_rows(ws[m][e], x, xd, negs, src, i0, nt, lo - start, hi - lo, out,
                                    lo)
                 start += n
+
+
+# One MoE feed-forward block as a single compiled call, for the common layout in fast
+# precision: a float router, the experts' gate|up fused in panels, their down in panels,
+# and a shared expert likewise (its gate|up fused, its down in panels) or none. Python's
+# part of a decode step (allocations, dispatch of ~15 calls) is then one call.
+
+@serial
+def moe_panels(h, hq, router, router_qtype, k, gu, gu_kind, n_gu, down, down_kind, down_act,
+               shared, sh_gu, sh_gu_kind, n_sh, sh_down, sh_down_kind, sh_act, sh_gate, out):
+    """out [T, H] = the MoE block of h [T, H] (hq: h quantised for the experts' gate|up;
+    gu [E, G, bytes], down [E, G', bytes] panels of n_gu = 2 Fe and H rows; sh_* the
+    shared expert's, used if ``shared``), as forward.CpuBackend.ffn computes it."""
+    T, H = h.shape
+    E = gu.shape[0]
+    logits = np.empty((T, E), np.float32)
+    matmul(h, router, router_qtype, logits)
+    experts = np.empty((T, k), np.int64)
+    weights = np.empty((T, k), np.float32)
+    route(logits, k, experts, weights)
+    src, exp_start, pair_of, counts = group_pairs(experts, E)
+    P = T * k
+    tasks, gp = task_list(counts, gu.shape[1], gu_kind)
+    both = np.empty((P, n_gu), np.float32)
+    expert_matmul_panels(hq[0], hq[1], hq[2], hq[3], src, gu, gu_kind, gp, exp_start, tasks,
+                         both)
+    gate = np.empty((P, n_gu // 2), np.float32)
+    swiglu_halves(both, gate)
+    gq = quantized_int8(gate, down_act)
+    tasks, gp = task_list(counts, down.shape[1], down_kind)
+    y = np.empty((P, H), np.float32)
+    expert_matmul_panels(gq[0], gq[1], gq[2], gq[3], np.arange(P), down, down_kind, gp,
+                         exp_start, tasks, y)
+    out[:] = 0
+    combine(y, pair_of, weights, out)
+    if shared:
+        both = np.empty((T, n_sh), np.float32)
+        matmul_panels(hq[0], hq[1], hq[2], hq[3], sh_gu, sh_gu_kind, both)
+        act = np.empty((T, n_sh // 2), np.float32)
+        swiglu_halves(both, act)
+        aq = quantized_int8(act, sh_act)
+        ys = np.empty((T, H), np.float32)
+        matmul_panels(aq[0], aq[1], aq[2], aq[3], sh_down, sh_down_kind, ys)
+        shared_gate(h, sh_gate, ys, out)
