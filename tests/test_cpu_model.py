@@ -107,13 +107,14 @@ def test_batch_invariance_is_bitwise(model, wtype, precision, seed):
         assert np.array_equal(mixed[i], whole[i]), f"sequence {i}: mixed batch != alone"
 
 
-@pytest.mark.parametrize("model,wtype", [("qwen35moe-tiny", "q6_k"), ("qwen3next-tiny", "q4_k_m")])
+@pytest.mark.parametrize("model,wtype", [("qwen35moe-tiny", "q6_k"), ("qwen3next-tiny", "q4_k_m"),
+                                         ("qwen35moe-tiny", "q8_0")])
 def test_compiled_moe_block_gives_the_python_paths_bits(model, wtype):
-    """The MoE block as one compiled call (moe.moe_panels, taken where the experts are in
-    panels) and as the Python sequence of kernel calls it stands for give the same logits,
+    """The MoE block as one compiled call (moe.moe_block: experts in panels, or Q8_0 read in
+    place) and as the Python sequence of kernel calls it stands for give the same logits,
     bit for bit, on a batch of two sequences (a prompt and a decode step)."""
     m = nh.load(gguf_path(model, wtype), device="cpu", n_slots=2, n_ctx=64, precision="fast")
-    assert all("moe_panels" in layer for layer in m.backend.layers)
+    assert all("moe_block" in layer for layer in m.backend.layers)
     ids = sequences(model)["s40"]
     tokens = list(ids[:9]) + [int(ids[20])]
     positions = list(range(9)) + [0]
@@ -126,7 +127,7 @@ def test_compiled_moe_block_gives_the_python_paths_bits(model, wtype):
 
     compiled = run()
     for layer in m.backend.layers:
-        del layer["moe_panels"]
+        del layer["moe_block"]
     np.testing.assert_array_equal(run(), compiled)
 
 

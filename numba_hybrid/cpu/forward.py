@@ -273,21 +273,18 @@ class CpuBackend:
                 out[name] = np.ascontiguousarray(np.asarray(t.data, np.float32).T)  # [Kc, C]
             else:
                 out[name] = vector(t)
-        moe = CpuBackend._moe_panels(out)
+        moe = CpuBackend._moe_block(out)
         if moe is not None:
-            out["moe_panels"] = moe
+            out["moe_block"] = moe
         return out
 
     @staticmethod
-    def _moe_panels(p: dict):
-        """(router, gate|up, down, shared) for moe_k.moe_panels where a prepared layer's MoE
-        block has its layout (a float router; the experts' gate and up fused in panels,
-        their down in panels; a shared expert likewise, with its gate vector, or None),
-        else None."""
+    def _moe_block(p: dict):
+        """(router, gate|up, down, shared) for moe_k.moe_block where a prepared layer's MoE
+        block has its layout (a float router; the experts' gate and up fused, their down,
+        both with an integer kernel; a shared expert likewise, with its gate vector, or
+        None), else None."""
         fused = p["fused"]
-
-        def panels_of(w):
-            return w.int_kernel and w.packed is not None
 
         def fused_pair(gate, up):
             w = fused.get(gate, (None,))[0]
@@ -295,14 +292,14 @@ class CpuBackend:
 
         gu = fused_pair("ffn_gate_exps", "ffn_up_exps")
         router, down = p.get("ffn_gate_inp"), p.get("ffn_down_exps")
-        if (gu is None or router is None or down is None or not panels_of(gu)
-                or not panels_of(down) or router.int_kernel or router.packed is not None
+        if (gu is None or router is None or down is None or not gu.int_kernel
+                or not down.int_kernel or router.int_kernel or router.packed is not None
                 or router.act != ACT_NONE):
             return None
         if "ffn_down_shexp" not in p:
             return router, gu, down, None
         sh, sh_down = fused_pair("ffn_gate_shexp", "ffn_up_shexp"), p["ffn_down_shexp"]
-        if (sh is None or not panels_of(sh) or sh.act != gu.act or not panels_of(sh_down)
+        if (sh is None or not sh.int_kernel or sh.act != gu.act or not sh_down.int_kernel
                 or "ffn_gate_inp_shexp" not in p):
             return None
         return router, gu, down, (sh, sh_down, p["ffn_gate_inp_shexp"])
@@ -425,8 +422,8 @@ class CpuBackend:
             act = np.empty((T, a.n_ff), np.float32)
             self.swiglu(h, layer, "ffn_gate", "ffn_up", act)
             return self.matmul(act, layer["ffn_down"])
-        if "moe_panels" in layer:
-            return self.moe_panels(layer["moe_panels"], h)
+        if "moe_block" in layer:
+            return self.moe_block(layer["moe_block"], h)
         experts = np.empty((T, k), np.int64)
         weights = np.empty((T, k), np.float32)
         moe_k.route(self.matmul(h, layer["ffn_gate_inp"]), k, experts, weights)
@@ -460,25 +457,29 @@ class CpuBackend:
                               self.matmul(act, layer["ffn_down_shexp"]), out)
         return out
 
-    def moe_panels(self, weights, h: Input) -> np.ndarray:
-        """ffn's MoE block in one compiled call (moe_k.moe_panels), for the layout
-        CpuBackend._moe_panels found."""
+    def moe_block(self, weights, h: Input) -> np.ndarray:
+        """ffn's MoE block in one compiled call (moe_k.moe_block), for the layout
+        CpuBackend._moe_block found."""
         router, gu, down, shared = weights
         out = np.empty_like(h.x)
         if shared is None:
-            sh, sh_kind, n_sh, sh_down, sh_down_kind, sh_act, sh_gate = _NO_SHARED
+            sh, n_sh, sh_down, sh_act, sh_gate = _NO_SHARED
         else:
             sh_w, sh_down_w, sh_gate = shared
-            sh, sh_kind = sh_w.packed
-            sh_down, sh_down_kind = sh_down_w.packed
+            sh, sh_down = int_weight(sh_w), int_weight(sh_down_w)
             n_sh, sh_act = sh_w.n_rows, sh_down_w.act
-        moe_k.moe_panels(h.x, h.quantized(gu.act), router.raw, router.qtype,
-                         self.args.n_expert_used, *gu.packed, gu.n_rows, *down.packed, down.act,
-                         shared is not None, sh, sh_kind, n_sh, sh_down, sh_down_kind, sh_act,
-                         sh_gate, out)
+        moe_k.moe_block(h.x, h.quantized(gu.act), router.raw, router.qtype,
+                        self.args.n_expert_used, *int_weight(gu), gu.n_rows, *int_weight(down),
+                        down.act, shared is not None, *sh, n_sh, *sh_down, sh_act, sh_gate, out)
         return out
 
 
-# moe_panels' arguments for a block without a shared expert (of the types it compiles for)
-_NO_SHARED = (np.zeros((1, 1), np.uint8), 0, 0, np.zeros((1, 1), np.uint8), 0, 0,
+def int_weight(w: QWeight) -> tuple:
+    """An integer-kernel weight as the compiled blocks take it: (panels, type code), or
+    (the tuple of Q8_0 matrices it stacks, -1)."""
+    return (w.rows, -1) if w.rows is not None else w.packed
+
+
+# moe_block's arguments for a block without a shared expert (of types it compiles for)
+_NO_SHARED = ((np.zeros((1, 1), np.uint8), 0), 0, (np.zeros((1, 1), np.uint8), 0), 0,
               np.zeros(1, np.float32))

@@ -9,11 +9,13 @@ in rank order, so a token's result does not depend on which other tokens chose i
 from __future__ import annotations
 
 import numpy as np
+from numba.core import types
+from numba.extending import overload
 
 from . import panels, rows
 from .dequant import dequant_row
 from .jit import kernel, prange, serial
-from .matmul import RB, dot, dot_i8, dot_q4, matmul, matmul_panels
+from .matmul import RB, dot, dot_i8, dot_q4, matmul, matmul_panels, matmul_q8_0_rows
 from .norm import swiglu_halves
 from .quantize import quantized_int8
 from .simd import exp32
@@ -224,19 +226,59 @@ def expert_matmul_q8_0_rows(x, xd, n16, n32, src, ws, exp_start, tasks, out):
                 start += n
 
 
-# One MoE feed-forward block as a single compiled call, for the common layout in fast
-# precision: a float router, the experts' gate|up fused in panels, their down in panels,
-# and a shared expert likewise (its gate|up fused, its down in panels) or none. Python's
-# part of a decode step (allocations, dispatch of ~15 calls) is then one call.
+
+# One MoE feed-forward block as a single compiled call, for the layouts of fast precision:
+# a float router, the experts' gate and up fused into one product and their down, in panels
+# or in Q8_0 rows, and a shared expert likewise (or none). The Python part of a decode step
+# (allocations, and the dispatch of ~15 calls) is then one call. A weight is passed as
+# (w, kind): panels and their type code, or a tuple of Q8_0 matrices whose rows are stacked
+# (forward.QWeight.rows) and -1; the two products below compile to the kernel for each.
+
+def experts_product(q, src, w, kind, exp_start, counts, out):
+    """out[p] = the expert of pair p (exp_start) times the activations q[src[p]]."""
+    raise NotImplementedError("compiled only (overload below)")
+
+
+def dense_product(q, w, kind, out):
+    """out [T, N] = the 8-bit activations q times the matrix w."""
+    raise NotImplementedError("compiled only (overload below)")
+
+
+@overload(experts_product, jit_options={"cache": True})
+def _experts_product(q, src, w, kind, exp_start, counts, out):
+    if isinstance(w, types.BaseTuple):
+        def rows_impl(q, src, w, kind, exp_start, counts, out):
+            tasks = tasks_for(counts, out.shape[1], RB)
+            expert_matmul_q8_0_rows(q[0], q[1], q[2], q[3], src, w, exp_start, tasks, out)
+        return rows_impl
+
+    def panels_impl(q, src, w, kind, exp_start, counts, out):
+        tasks, gp = task_list(counts, w.shape[1], kind)
+        expert_matmul_panels(q[0], q[1], q[2], q[3], src, w, kind, gp, exp_start, tasks, out)
+    return panels_impl
+
+
+@overload(dense_product, jit_options={"cache": True})
+def _dense_product(q, w, kind, out):
+    if isinstance(w, types.BaseTuple):
+        def rows_impl(q, w, kind, out):
+            matmul_q8_0_rows(q[0], q[1], q[2], q[3], w, out)
+        return rows_impl
+
+    def panels_impl(q, w, kind, out):
+        matmul_panels(q[0], q[1], q[2], q[3], w, kind, out)
+    return panels_impl
+
 
 @serial
-def moe_panels(h, hq, router, router_qtype, k, gu, gu_kind, n_gu, down, down_kind, down_act,
-               shared, sh_gu, sh_gu_kind, n_sh, sh_down, sh_down_kind, sh_act, sh_gate, out):
-    """out [T, H] = the MoE block of h [T, H] (hq: h quantised for the experts' gate|up;
-    gu [E, G, bytes], down [E, G', bytes] panels of n_gu = 2 Fe and H rows; sh_* the
-    shared expert's, used if ``shared``), as forward.CpuBackend.ffn computes it."""
+def moe_block(h, hq, router, router_qtype, k, gu, gu_kind, n_gu, down, down_kind, down_act,
+              shared, sh_gu, sh_gu_kind, n_sh, sh_down, sh_down_kind, sh_act, sh_gate, out):
+    """out [T, H] = the MoE block of h [T, H], as forward.CpuBackend.ffn computes it. hq: h
+    quantised for the experts' gate|up (n_gu = 2 Fe rows); down: H rows, taking its input
+    quantised as down_act; sh_*: the shared expert's (used if ``shared``), gated by
+    sigmoid(sh_gate . h)."""
     T, H = h.shape
-    E = gu.shape[0]
+    E = router.shape[0]
     logits = np.empty((T, E), np.float32)
     matmul(h, router, router_qtype, logits)
     experts = np.empty((T, k), np.int64)
@@ -244,25 +286,20 @@ def moe_panels(h, hq, router, router_qtype, k, gu, gu_kind, n_gu, down, down_kin
     route(logits, k, experts, weights)
     src, exp_start, pair_of, counts = group_pairs(experts, E)
     P = T * k
-    tasks, gp = task_list(counts, gu.shape[1], gu_kind)
     both = np.empty((P, n_gu), np.float32)
-    expert_matmul_panels(hq[0], hq[1], hq[2], hq[3], src, gu, gu_kind, gp, exp_start, tasks,
-                         both)
+    experts_product(hq, src, gu, gu_kind, exp_start, counts, both)
     gate = np.empty((P, n_gu // 2), np.float32)
     swiglu_halves(both, gate)
-    gq = quantized_int8(gate, down_act)
-    tasks, gp = task_list(counts, down.shape[1], down_kind)
     y = np.empty((P, H), np.float32)
-    expert_matmul_panels(gq[0], gq[1], gq[2], gq[3], np.arange(P), down, down_kind, gp,
-                         exp_start, tasks, y)
+    experts_product(quantized_int8(gate, down_act), np.arange(P), down, down_kind, exp_start,
+                    counts, y)
     out[:] = 0
     combine(y, pair_of, weights, out)
     if shared:
         both = np.empty((T, n_sh), np.float32)
-        matmul_panels(hq[0], hq[1], hq[2], hq[3], sh_gu, sh_gu_kind, both)
+        dense_product(hq, sh_gu, sh_gu_kind, both)
         act = np.empty((T, n_sh // 2), np.float32)
         swiglu_halves(both, act)
-        aq = quantized_int8(act, sh_act)
         ys = np.empty((T, H), np.float32)
-        matmul_panels(aq[0], aq[1], aq[2], aq[3], sh_down, sh_down_kind, ys)
+        dense_product(quantized_int8(act, sh_act), sh_down, sh_down_kind, ys)
         shared_gate(h, sh_gate, ys, out)
