@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -238,3 +239,32 @@ def _read_text(path: str, what: str = "text file") -> str:
     if not text.strip():
         raise NumbaHybridError(f"{path}: the {what} is empty")
     return text
+
+
+class DeferredInterrupt:
+    """Ctrl-C as a request the command honours at its next safe point (``check``, between
+    decode steps), not as a KeyboardInterrupt raised wherever Python happens to be. Raised
+    inside a compiled kernel's call back into Python (numba unpickling a constant while it
+    returns arrays), a KeyboardInterrupt turns into a SystemError, or into a failure that
+    numba's compiler swallows, and the command would crash or carry on. A second Ctrl-C
+    raises at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def check(self) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+
+    def __enter__(self):
+        self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        signal.signal(signal.SIGINT, self._previous)

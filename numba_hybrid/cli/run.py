@@ -8,8 +8,9 @@ import sys
 import time
 
 from ..errors import NumbaHybridError
-from .common import (PROG, _add_batch_arguments, _add_runtime_arguments, _batch_budget, _int,
-                     _model_path, _n_predict, _non_negative_int, _positive_int, _read_text)
+from .common import (PROG, DeferredInterrupt, _add_batch_arguments, _add_runtime_arguments,
+                     _batch_budget, _int, _model_path, _n_predict, _non_negative_int,
+                     _positive_int, _read_text)
 
 
 def _run_arguments(p: argparse.ArgumentParser) -> None:
@@ -104,6 +105,11 @@ def _training_ctx(path: str) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    with DeferredInterrupt() as interrupt:
+        return _run(args, interrupt)
+
+
+def _run(args: argparse.Namespace, interrupt: DeferredInterrupt) -> int:
     from ..engine import Engine, StopCriteria
     from ..engine.engine import render_chat
     from . import _load  # on the package, at call time: see numba_hybrid.cli
@@ -119,6 +125,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     n_ctx = args.ctx_size or _training_ctx(_model_path(args))
     # More slots than prompts would only take memory.
     model = _load(args, min(args.parallel or len(prompts), len(prompts)), n_ctx)
+    interrupt.check()
     tok = model.tokenizer
 
     def ids_of(text: str) -> list[int]:
@@ -159,6 +166,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                     out.flush()
             elif ev.finished:
                 show(ev.seq)
+            interrupt.check()
         if single:
             out.write("\n")
     except KeyboardInterrupt:

@@ -430,8 +430,4 @@ def matmul_q8_0_rows(x, xd, n16, n32, ws, out):
             nt = min(rows.TOKENS, T - i0)
             start = 0
             for m in range(len(ws)):
-                n = ws[m].shape[0]
-                lo, hi = max(r0, start), min(r1, start + n)
-                if lo < hi:
-                    rows.q8_0_rows(ws[m], x, xd, negs, tok, i0, nt, lo - start, hi - lo, out, lo)
-                start += n
+                start = rows.stacked(ws[m], start, x, xd, negs, tok, i0, nt, r0, r1, out)

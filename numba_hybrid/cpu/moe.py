@@ -218,12 +218,7 @@ def expert_matmul_q8_0_rows(x, xd, n16, n32, src, ws, exp_start, tasks, out):
             nt = min(rows.TOKENS, p1 - i0)
             start = 0
             for m in range(len(ws)):
-                n = ws[m].shape[1]
-                lo, hi = max(r0, start), min(r1, start + n)
-                if lo < hi:
-                    rows.q8_0_rows(ws[m][e], x, xd, negs, src, i0, nt, lo - start, hi - lo, out,
-                                   lo)
-                start += n
+                start = rows.stacked(ws[m][e], start, x, xd, negs, src, i0, nt, r0, r1, out)
 
 
 

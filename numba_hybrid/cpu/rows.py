@@ -65,6 +65,17 @@ def q8_0_negs(xq):
     return out
 
 
+@helper
+def stacked(w, start, x, xd, negs, tok, i0, nt, r0, r1, out):
+    """q8_0_rows for the rows r0..r1 of a product stacking several matrices that fall in
+    w, whose rows are the product's from ``start``; returns where the next matrix starts."""
+    n = w.shape[0]
+    lo, hi = max(r0, start), min(r1, start + n)
+    if lo < hi:
+        q8_0_rows(w, x, xd, negs, tok, i0, nt, lo - start, hi - lo, out, lo)
+    return start + n
+
+
 def _hsum16(builder, v):
     """The 16 lanes of v summed in a fixed tree (halves, then quarters, ...)."""
     for n in (8, 4, 2, 1):
