@@ -410,7 +410,6 @@ def matmul_panels(x, xd, n16, n32, wp, kind, out):
             panels.panel_tile(kind, wp, x, xd, n16, n32, tok, i0, min(tp, T - i0), g0, ng, out)
 
 
-
 # Q8_0 in precision="fast": the file's rows read in place (rows.py). ``ws`` is a tuple of
 # Q8_0 matrices with the same row length whose rows are stacked into one product (the
 # matrices fused at load: forward.FUSED).

@@ -221,7 +221,6 @@ def expert_matmul_q8_0_rows(x, xd, n16, n32, src, ws, exp_start, tasks, out):
                 start = rows.stacked(ws[m][e], start, x, xd, negs, src, i0, nt, r0, r1, out)
 
 
-
 # One MoE feed-forward block as a single compiled call, for the layouts of fast precision:
 # a float router, the experts' gate and up fused into one product and their down, in panels
 # or in Q8_0 rows, and a shared expert likewise (or none). The Python part of a decode step
@@ -243,7 +242,7 @@ def dense_product(q, w, kind, out):
 def _experts_product(q, src, w, kind, exp_start, counts, out):
     if isinstance(w, types.BaseTuple):
         def rows_impl(q, src, w, kind, exp_start, counts, out):
-            tasks = tasks_for(counts, out.shape[1], RB)
+            tasks = task_list(counts, out.shape[1], kind)[0]
             expert_matmul_q8_0_rows(q[0], q[1], q[2], q[3], src, w, exp_start, tasks, out)
         return rows_impl
 
