@@ -131,6 +131,31 @@ def test_compiled_moe_block_gives_the_python_paths_bits(model, wtype):
     np.testing.assert_array_equal(run(), compiled)
 
 
+@pytest.mark.parametrize("model,wtype", [("qwen35-tiny", "q4_k_m"), ("qwen35-tiny", "q6_k"),
+                                         ("qwen3next-tiny", "q8_0"), ("qwen35moe-tiny", "q8_0")])
+def test_compiled_mixer_blocks_give_the_python_paths_bits(model, wtype):
+    """The delta-net and attention blocks as one compiled call each (blocks.py: panels of
+    one or two types in several products, or Q8_0 rows in one) and as the Python sequence
+    of kernel calls they stand for give the same logits and leave the same states, bit for
+    bit, on a prompt and a decode step of two sequences, then a step of both."""
+    m = nh.load(gguf_path(model, wtype), device="cpu", n_slots=2, n_ctx=64, precision="fast")
+    assert all("mixer_block" in layer for layer in m.backend.layers)
+    ids = sequences(model)["s40"]
+
+    def run():
+        for s in (0, 1):
+            m.reset(s)
+        first = m.decode(list(ids[:9]) + [int(ids[20])], list(range(9)) + [0], [0] * 9 + [1])
+        second = m.decode([int(ids[9]), int(ids[21])], [9, 1], [0, 1])
+        return [first, second] + [b.copy() for b in m.state.buffers()]
+
+    compiled = run()
+    for layer in m.backend.layers:
+        del layer["mixer_block"]
+    for a, b in zip(run(), compiled, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_fast_matches_reference_with_the_same_activation_rounding():
     """precision="fast" against the float64 reference that rounds activations the same way,
     on the first token of every fixture sequence (36 cases).

@@ -19,6 +19,7 @@ from gguf import GGMLQuantizationType as QT
 from ..models import RECURRENT
 from ..quants import ACT_NONE, activation_kind
 from . import attention as attn_k
+from . import blocks as blocks_k
 from . import conv as conv_k
 from . import deltanet as dn_k
 from . import matmul as mm_k
@@ -181,8 +182,9 @@ class Input:
 # Matrices that multiply the same input, fused at load into one product where they are
 # panels or rows of one type (fewer kernel calls per step; each call costs ~10-20 us on one
 # token).
-FUSED = (("attn_qkv", "attn_gate", "ssm_beta", "ssm_alpha"), ("attn_q", "attn_k", "attn_v"),
-         ("ffn_gate", "ffn_up"), ("ffn_gate_shexp", "ffn_up_shexp"),
+DELTANET_IN = ("attn_qkv", "attn_gate", "ssm_beta", "ssm_alpha")
+ATTENTION_IN = ("attn_q", "attn_k", "attn_v")
+FUSED = (DELTANET_IN, ATTENTION_IN, ("ffn_gate", "ffn_up"), ("ffn_gate_shexp", "ffn_up_shexp"),
          ("ffn_gate_exps", "ffn_up_exps"))
 
 
@@ -276,7 +278,42 @@ class CpuBackend:
         moe = CpuBackend._moe_block(out)
         if moe is not None:
             out["moe_block"] = moe
+        mixer = CpuBackend._mixer_block(out, DELTANET_IN if layer.kind == RECURRENT
+                                        else ATTENTION_IN,
+                                        "ssm_out" if layer.kind == RECURRENT else "attn_output")
+        if mixer is not None:
+            out["mixer_block"] = mixer
         return out
+
+    @staticmethod
+    def _mixer_block(p: dict, names, output: str):
+        """The weights of blocks_k.deltanet_block or attention_block where a prepared
+        layer's mixer has their layout, else None: (act, ws, kinds, widths) for the input
+        projections ``names`` (a run of products, in panels of one activation rounding, or
+        one product of Q8_0 rows), the rows of each name, and the output projection as
+        int_weight gives it with its rounding."""
+        products, rows, rows_end = [], [], 0
+        for name in names:
+            w, start, stop = p["fused"].get(name, (p.get(name), 0, None))
+            if w is None or not w.int_kernel:
+                return None
+            if products and products[-1] is w:
+                if start != rows_end:
+                    return None
+            elif start != 0:
+                return None
+            else:
+                products.append(w)
+            rows_end = w.n_rows if stop is None else stop
+            rows.append(rows_end - start)
+        out_w = p.get(output)
+        if (out_w is None or not out_w.int_kernel or len({w.act for w in products}) != 1
+                or any(w.rows is not None for w in products) and len(products) > 1):
+            return None
+        ws = tuple(int_weight(w)[0] for w in products)
+        kinds = tuple(int(int_weight(w)[1]) for w in products)
+        widths = tuple(int(w.n_rows) for w in products)
+        return (products[0].act, ws, kinds, widths), tuple(rows), (*int_weight(out_w), out_w.act)
 
     @staticmethod
     def _moe_block(p: dict):
@@ -389,6 +426,15 @@ class CpuBackend:
     def deltanet(self, l, layer, h, state, plan):
         a = self.args
         T = h.shape[0]
+        if "mixer_block" in layer:
+            (act, ws, kinds, widths), (n_qkv, n_z, n_b, _), out_w = layer["mixer_block"]
+            out = np.empty((T, a.n_embd), np.float32)
+            blocks_k.deltanet_block(h, act, ws, kinds, widths, n_qkv, n_z, n_b, layer["ssm_dt"],
+                                    layer["ssm_a"], layer["ssm_conv1d"], state.conv[l],
+                                    state.ssm[l], self.kq_map, a.ssm_k_heads, a.ssm_k_dim,
+                                    L2_NORM_EPS, plan.run_start, plan.run_len, plan.run_slot,
+                                    layer["ssm_norm"], a.rms_eps, *out_w, out)
+            return out
         h = Input(h)
         qkv, z, beta, g = self.matmuls(h, layer, ("attn_qkv", "attn_gate", "ssm_beta",
                                                   "ssm_alpha"))
@@ -406,6 +452,14 @@ class CpuBackend:
     def attention(self, l, layer, h, state, plan):
         a = self.args
         T = h.shape[0]
+        if "mixer_block" in layer:
+            (act, ws, kinds, widths), (n_q, n_k, _), out_w = layer["mixer_block"]
+            out = np.empty((T, a.n_embd), np.float32)
+            blocks_k.attention_block(h, act, ws, kinds, widths, n_q, n_k, layer["attn_q_norm"],
+                                     layer["attn_k_norm"], a.rms_eps, self.inv_freq,
+                                     state.k[l], state.v[l], plan.positions, plan.run_len,
+                                     plan.run_slot, *out_w, out)
+            return out
         h = Input(h)
         qg, k, v = self.matmuls(h, layer, ("attn_q", "attn_k", "attn_v"))
         o = np.empty((T, a.n_head * a.head_dim), np.float32)

@@ -11,6 +11,8 @@ does not depend on the rest of the batch (bitwise batch invariance).
 from __future__ import annotations
 
 import numpy as np
+from numba.core import types
+from numba.extending import overload
 
 from .dequant import F16_TABLE, dequant_row
 from .jit import helper, kernel, prange
@@ -430,3 +432,24 @@ def matmul_q8_0_rows(x, xd, n16, n32, ws, out):
             start = 0
             for m in range(len(ws)):
                 start = rows.stacked(ws[m], start, x, xd, negs, tok, i0, nt, r0, r1, out)
+
+
+# The product of 8-bit activations and a weight in the integer layout of fast precision, as
+# the compiled blocks (moe.moe_block, blocks.py) take it: (panels, type code), or a tuple of
+# Q8_0 matrices whose rows are stacked (forward.QWeight.rows) and -1.
+
+def dense_product(q, w, kind, out):
+    """out [T, N] = the 8-bit activations q times the matrix w."""
+    raise NotImplementedError("compiled only (overload below)")
+
+
+@overload(dense_product, jit_options={"cache": True})
+def _dense_product(q, w, kind, out):
+    if isinstance(w, types.BaseTuple):
+        def rows_impl(q, w, kind, out):
+            matmul_q8_0_rows(q[0], q[1], q[2], q[3], w, out)
+        return rows_impl
+
+    def panels_impl(q, w, kind, out):
+        matmul_panels(q[0], q[1], q[2], q[3], w, kind, out)
+    return panels_impl

@@ -15,7 +15,7 @@ from numba.extending import overload
 from . import panels, rows
 from .dequant import dequant_row
 from .jit import kernel, prange, serial
-from .matmul import RB, dot, dot_i8, dot_q4, matmul, matmul_panels, matmul_q8_0_rows
+from .matmul import RB, dense_product, dot, dot_i8, dot_q4, matmul
 from .norm import swiglu_halves
 from .quantize import quantized_int8
 from .simd import exp32
@@ -226,15 +226,11 @@ def expert_matmul_q8_0_rows(x, xd, n16, n32, src, ws, exp_start, tasks, out):
 # or in Q8_0 rows, and a shared expert likewise (or none). The Python part of a decode step
 # (allocations, and the dispatch of ~15 calls) is then one call. A weight is passed as
 # (w, kind): panels and their type code, or a tuple of Q8_0 matrices whose rows are stacked
-# (forward.QWeight.rows) and -1; the two products below compile to the kernel for each.
+# (forward.QWeight.rows) and -1; experts_product below and matmul.dense_product compile to
+# the kernel for each.
 
 def experts_product(q, src, w, kind, exp_start, counts, out):
     """out[p] = the expert of pair p (exp_start) times the activations q[src[p]]."""
-    raise NotImplementedError("compiled only (overload below)")
-
-
-def dense_product(q, w, kind, out):
-    """out [T, N] = the 8-bit activations q times the matrix w."""
     raise NotImplementedError("compiled only (overload below)")
 
 
@@ -249,18 +245,6 @@ def _experts_product(q, src, w, kind, exp_start, counts, out):
     def panels_impl(q, src, w, kind, exp_start, counts, out):
         tasks, gp = task_list(counts, w.shape[1], kind)
         expert_matmul_panels(q[0], q[1], q[2], q[3], src, w, kind, gp, exp_start, tasks, out)
-    return panels_impl
-
-
-@overload(dense_product, jit_options={"cache": True})
-def _dense_product(q, w, kind, out):
-    if isinstance(w, types.BaseTuple):
-        def rows_impl(q, w, kind, out):
-            matmul_q8_0_rows(q[0], q[1], q[2], q[3], w, out)
-        return rows_impl
-
-    def panels_impl(q, w, kind, out):
-        matmul_panels(q[0], q[1], q[2], q[3], w, kind, out)
     return panels_impl
 
 
