@@ -19,30 +19,47 @@ import numpy as np
 from .attention import attention
 from .conv import causal_conv
 from .deltanet import gates, scan
-from .jit import serial
+from .jit import kernel, prange, serial
 from .matmul import dense_product
+from .memory import empty_f32
 from .norm import gated_rms_norm
 from .quantize import quantized_int8
 
 
 @serial
 def project(h, act, ws, kinds, widths):
-    """h [T, K] (quantised as ``act``) times the weights ws, their outputs side by side:
-    [T, sum of widths]."""
-    T = h.shape[0]
+    """h [T, K] (quantised as ``act``) times each of the weights ws: a list of [T, width]."""
     q = quantized_int8(h, act)
-    if len(ws) == 1:
-        out = np.empty((T, widths[0]), np.float32)
-        dense_product(q, ws[0], kinds[0], out)
-        return out
-    out = np.empty((T, np.sum(np.array(widths))), np.float32)
-    c = 0
+    parts = []
     for i in range(len(ws)):
-        part = np.empty((T, widths[i]), np.float32)
+        part = empty_f32(h.shape[0], widths[i])
         dense_product(q, ws[i], kinds[i], part)
-        out[:, c:c + widths[i]] = part
-        c += widths[i]
-    return out
+        parts.append(part)
+    return parts
+
+
+@kernel
+def _copy_columns(src, c0, out):
+    for t in prange(out.shape[0]):
+        for c in range(out.shape[1]):
+            out[t, c] = src[t, c0 + c]
+
+
+@serial
+def take(parts, widths, c0, c1):
+    """Columns c0..c1 of the products' outputs side by side, as a C-contiguous array: the
+    product itself where they are all of one product's, else a copy (a fused run of
+    products never splits a matrix, so one product holds them)."""
+    start = 0
+    for i in range(len(parts)):
+        if c1 <= start + widths[i]:
+            if c0 == start and c1 == start + widths[i]:
+                return parts[i]
+            out = empty_f32(parts[i].shape[0], c1 - c0)
+            _copy_columns(parts[i], c0 - start, out)
+            return out
+        start += widths[i]
+    raise ValueError("columns beyond the products")
 
 
 @serial
@@ -53,18 +70,19 @@ def deltanet_block(h, act, ws, kinds, widths, n_qkv, n_z, n_b, dt_bias, ssm_a, c
     projections [qkv | z | b | a] (n_qkv, n_z, n_b columns, a the rest), the gates, the
     causal conv and the scan on the slots' states (updated in place), the gated norm and
     the output projection w_out (its input quantised as act_out)."""
-    cols = project(h, act, ws, kinds, widths)
+    parts = project(h, act, ws, kinds, widths)
     e1, e2, e3 = n_qkv, n_qkv + n_z, n_qkv + n_z + n_b
-    qkv = np.ascontiguousarray(cols[:, :e1])
-    z = np.ascontiguousarray(cols[:, e1:e2])
-    beta = np.ascontiguousarray(cols[:, e2:e3])
-    g = np.ascontiguousarray(cols[:, e3:])
+    qkv = take(parts, widths, 0, e1)
+    z = take(parts, widths, e1, e2)
+    beta = take(parts, widths, e2, e3)
+    g = take(parts, widths, e3, np.sum(np.array(widths)))
     gates(beta, g, dt_bias, ssm_a, beta, g)
-    c = np.empty_like(qkv)
+    T = h.shape[0]
+    c = empty_f32(T, qkv.shape[1])
     causal_conv(qkv, conv_w, conv_state, run_start, run_len, run_slot, c)
-    o = np.empty((h.shape[0], ssm.shape[1] * ssm.shape[2]), np.float32)
+    o = empty_f32(T, ssm.shape[1] * ssm.shape[2])
     scan(c, beta, g, ssm, kq_map, hk, dk, l2_eps, run_start, run_len, run_slot, o)
-    y = np.empty_like(o)
+    y = empty_f32(T, o.shape[1])
     gated_rms_norm(o, z, norm_w, eps, y)
     dense_product(quantized_int8(y, act_out), w_out, kind_out, out)
 
@@ -76,16 +94,16 @@ def attention_block(h, act, ws, kinds, widths, n_q, n_k, q_norm, k_norm, eps, in
     """out [T, H] = the attention block of h [T, H] (forward.CpuBackend.attention): its
     projections [q and gate | k | v] (n_q, n_k columns, v the rest), attention over the
     slots' caches (the tokens' keys and values stored in them), the output projection."""
-    cols = project(h, act, ws, kinds, widths)
-    qg = np.ascontiguousarray(cols[:, :n_q])
-    k = np.ascontiguousarray(cols[:, n_q:n_q + n_k])
-    v = np.ascontiguousarray(cols[:, n_q + n_k:])
+    parts = project(h, act, ws, kinds, widths)
+    qg = take(parts, widths, 0, n_q)
+    k = take(parts, widths, n_q, n_q + n_k)
+    v = take(parts, widths, n_q + n_k, np.sum(np.array(widths)))
     tok_slot = np.empty(h.shape[0], np.int64)
     t = 0
     for r in range(run_len.size):
         tok_slot[t:t + run_len[r]] = run_slot[r]
         t += run_len[r]
-    o = np.empty((h.shape[0], qg.shape[1] // 2), np.float32)     # qg: [query | gate]
+    o = empty_f32(h.shape[0], qg.shape[1] // 2)     # qg: [query | gate]
     attention(qg, k, v, q_norm, k_norm, eps, inv_freq, k_cache, v_cache, positions, tok_slot,
               o)
     dense_product(quantized_int8(o, act_out), w_out, kind_out, out)
