@@ -21,7 +21,6 @@ from .conv import causal_conv
 from .deltanet import gates, scan
 from .jit import kernel, prange, serial
 from .matmul import dense_product
-from .memory import empty_f32
 from .norm import gated_rms_norm
 from .quantize import quantized_int8
 
@@ -32,7 +31,7 @@ def project(h, act, ws, kinds, widths):
     q = quantized_int8(h, act)
     parts = []
     for i in range(len(ws)):
-        part = empty_f32(h.shape[0], widths[i])
+        part = np.empty((h.shape[0], widths[i]), np.float32)
         dense_product(q, ws[i], kinds[i], part)
         parts.append(part)
     return parts
@@ -55,7 +54,7 @@ def take(parts, widths, c0, c1):
         if c1 <= start + widths[i]:
             if c0 == start and c1 == start + widths[i]:
                 return parts[i]
-            out = empty_f32(parts[i].shape[0], c1 - c0)
+            out = np.empty((parts[i].shape[0], c1 - c0), np.float32)
             _copy_columns(parts[i], c0 - start, out)
             return out
         start += widths[i]
@@ -78,11 +77,11 @@ def deltanet_block(h, act, ws, kinds, widths, n_qkv, n_z, n_b, dt_bias, ssm_a, c
     g = take(parts, widths, e3, np.sum(np.array(widths)))
     gates(beta, g, dt_bias, ssm_a, beta, g)
     T = h.shape[0]
-    c = empty_f32(T, qkv.shape[1])
+    c = np.empty((T, qkv.shape[1]), np.float32)
     causal_conv(qkv, conv_w, conv_state, run_start, run_len, run_slot, c)
-    o = empty_f32(T, ssm.shape[1] * ssm.shape[2])
+    o = np.empty((T, ssm.shape[1] * ssm.shape[2]), np.float32)
     scan(c, beta, g, ssm, kq_map, hk, dk, l2_eps, run_start, run_len, run_slot, o)
-    y = empty_f32(T, o.shape[1])
+    y = np.empty((T, o.shape[1]), np.float32)
     gated_rms_norm(o, z, norm_w, eps, y)
     dense_product(quantized_int8(y, act_out), w_out, kind_out, out)
 
@@ -103,7 +102,7 @@ def attention_block(h, act, ws, kinds, widths, n_q, n_k, q_norm, k_norm, eps, in
     for r in range(run_len.size):
         tok_slot[t:t + run_len[r]] = run_slot[r]
         t += run_len[r]
-    o = empty_f32(h.shape[0], qg.shape[1] // 2)     # qg: [query | gate]
+    o = np.empty((h.shape[0], qg.shape[1] // 2), np.float32)     # qg: [query | gate]
     attention(qg, k, v, q_norm, k_norm, eps, inv_freq, k_cache, v_cache, positions, tok_slot,
               o)
     dense_product(quantized_int8(o, act_out), w_out, kind_out, out)

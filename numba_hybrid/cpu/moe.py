@@ -16,7 +16,6 @@ from . import panels, rows
 from .dequant import dequant_row
 from .jit import kernel, prange, serial
 from .matmul import RB, dense_product, dot, dot_i8, dot_q4, matmul
-from .memory import empty_f32
 from .norm import swiglu_halves
 from .quantize import quantized_int8
 from .simd import exp32
@@ -265,20 +264,20 @@ def moe_block(h, hq, router, router_qtype, k, gu, gu_kind, n_gu, down, down_kind
     route(logits, k, experts, weights)
     src, exp_start, pair_of, counts = group_pairs(experts, E)
     P = T * k
-    both = empty_f32(P, n_gu)
+    both = np.empty((P, n_gu), np.float32)
     experts_product(hq, src, gu, gu_kind, exp_start, counts, both)
-    gate = empty_f32(P, n_gu // 2)
+    gate = np.empty((P, n_gu // 2), np.float32)
     swiglu_halves(both, gate)
-    y = empty_f32(P, H)
+    y = np.empty((P, H), np.float32)
     experts_product(quantized_int8(gate, down_act), np.arange(P), down, down_kind, exp_start,
                     counts, y)
     out[:] = 0
     combine(y, pair_of, weights, out)
     if shared:
-        both = empty_f32(T, n_sh)
+        both = np.empty((T, n_sh), np.float32)
         dense_product(hq, sh_gu, sh_gu_kind, both)
-        act = empty_f32(T, n_sh // 2)
+        act = np.empty((T, n_sh // 2), np.float32)
         swiglu_halves(both, act)
-        ys = empty_f32(T, H)
+        ys = np.empty((T, H), np.float32)
         dense_product(quantized_int8(act, sh_act), sh_down, sh_down_kind, ys)
         shared_gate(h, sh_gate, ys, out)
