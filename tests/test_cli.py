@@ -218,6 +218,40 @@ def test_keyboard_interrupt_exits_130(monkeypatch, capsys):
     assert err.strip() == "numba-hybrid: interrupted"
 
 
+@pytest.mark.parametrize("command", ["parallel", "perplexity", "bench"])
+def test_ctrl_c_stops_long_commands_at_their_next_step(command, monkeypatch, capsys, tmp_path):
+    """Ctrl-C during parallel, perplexity or bench is honoured at the next progress step
+    (between decode batches), not raised inside whatever runs: exit 130, "interrupted",
+    and no more steps taken."""
+    import signal
+
+    from numba_hybrid.engine import bench, parallel, perplexity
+
+    steps = []
+
+    def interrupted_run(*args, on_progress=None, on_chunk=None, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)        # as if typed during the first step
+        for i in range(3):
+            steps.append(i)
+            on_chunk(i, 1.0) if on_chunk is not None else on_progress()
+        raise AssertionError("the steps after Ctrl-C ran")
+
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog " * 40)
+    argv = {"parallel": ["parallel", "-np", "2", "-n", "2"],
+            "perplexity": ["perplexity", "-f", str(text), "-c", "64"],
+            "bench": ["bench", "--no-check", "-r", "1"]}[command]
+    target = {"parallel": (parallel, "parallel_check"),
+              "perplexity": (perplexity, "perplexity"), "bench": (bench, "sweep")}[command]
+    monkeypatch.setattr(*target, interrupted_run)
+    if command == "bench":
+        monkeypatch.setattr(bench, "warm_up", lambda *a, **k: None)
+    assert cli.main(argv + ["-m", str(Q8)]) == 130
+    assert steps == [0]
+    assert capsys.readouterr().err.strip().endswith("numba-hybrid: interrupted")
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_os_error_is_reported_in_one_line(monkeypatch, capsys):
     def denied(*a, **k):
         raise PermissionError(13, "Permission denied", "/models/secret.gguf")

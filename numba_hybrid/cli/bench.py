@@ -8,7 +8,8 @@ import os
 import sys
 
 from ..errors import NumbaHybridError
-from .common import PROG, Progress, _add_runtime_arguments, _positive_int, _table
+from .common import (PROG, DeferredInterrupt, Progress, _add_runtime_arguments, _positive_int,
+                     _table)
 
 
 def _bench_arguments(p: argparse.ArgumentParser) -> None:
@@ -40,6 +41,11 @@ def _bench_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    with DeferredInterrupt() as interrupt:
+        return _bench(args, interrupt)
+
+
+def _bench(args: argparse.Namespace, interrupt: DeferredInterrupt) -> int:
     from ..engine import bench
     from ..engine.parallel import builtin_prompts, parallel_check
     from . import _load  # on the package, at call time: see numba_hybrid.cli
@@ -54,23 +60,26 @@ def cmd_bench(args: argparse.Namespace) -> int:
     depths, nps = args.depths, args.parallel
     n_ctx = bench.needed_ctx(depths, args.ubatch_size, args.n_gen, args.n_prompt)
     model = _load(args, max(nps), n_ctx)
+    interrupt.check()
     name = os.path.basename(model.path)
     print(f"{PROG}: bench {name}, {model.device} backend, {args.precision} precision, "
           f"{_threads_in_use()} threads", file=sys.stderr)
     bench.warm_up(model, args.ubatch_size, max(nps))
+    interrupt.check()
     if not args.no_check:
         n = max(nps)
-        report = parallel_check(model, builtin_prompts(n), n_predict=4)
+        report = parallel_check(model, builtin_prompts(n), n_predict=4,
+                                on_progress=interrupt.checking(lambda: None))
         if not report.ok:
             raise NumbaHybridError(f"refusing to time: {n} parallel sequences do not decode "
                                    f"as they do alone (run '{PROG} parallel -np {n}')")
     r = args.repetitions
     bar = Progress(r * (len(depths) + len(nps)), "bench")
     try:
-        sweep = bench.sweep(model, depths, args.ubatch_size, args.n_gen, r,
-                            on_progress=bar.update)
+        step = interrupt.checking(bar.update)
+        sweep = bench.sweep(model, depths, args.ubatch_size, args.n_gen, r, on_progress=step)
         par = bench.parallel_generation(model, nps, args.n_gen, args.n_prompt,
-                                        args.ubatch_size, r, on_progress=bar.update)
+                                        args.ubatch_size, r, on_progress=step)
     finally:
         bar.close()
 

@@ -262,6 +262,13 @@ class DeferredInterrupt:
         if self.requested:
             raise KeyboardInterrupt
 
+    def checking(self, callback):
+        """callback, then check: a progress callback as a safe point."""
+        def call(*args, **kwargs):
+            callback(*args, **kwargs)
+            self.check()
+        return call
+
     def __enter__(self):
         self._previous = signal.signal(signal.SIGINT, self._handle)
         return self

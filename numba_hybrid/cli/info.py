@@ -242,7 +242,7 @@ def format_info(facts: dict) -> str:
                                 f"{tk['bos_id']} {tk['bos']!r}, "
                                 f"{'added' if tk['add_bos'] else 'not added'} to prompts"),
         f"  end of gen.    {', '.join(map(str, tk['eog_ids']))}",
-        f"  chat template  " + (f"yes ({tk['chat_template_chars']} characters)"
+        "  chat template  " + (f"yes ({tk['chat_template_chars']} characters)"
                                 if tk["chat_template"] else "no"),
     ]
     return "\n".join(lines) + "\n"

@@ -7,7 +7,8 @@ import argparse
 import sys
 
 from ..errors import NumbaHybridError
-from .common import PROG, Progress, _add_runtime_arguments, _positive_int, _read_text, _table
+from .common import (PROG, DeferredInterrupt, Progress, _add_runtime_arguments, _positive_int,
+                     _read_text, _table)
 
 
 def _parallel_arguments(p: argparse.ArgumentParser) -> None:
@@ -27,6 +28,11 @@ def _parallel_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_parallel(args: argparse.Namespace) -> int:
+    with DeferredInterrupt() as interrupt:
+        return _parallel(args, interrupt)
+
+
+def _parallel(args: argparse.Namespace, interrupt: DeferredInterrupt) -> int:
     from ..engine.parallel import builtin_prompts, parallel_check
     from . import _load  # on the package, at call time: see numba_hybrid.cli
 
@@ -44,13 +50,14 @@ def cmd_parallel(args: argparse.Namespace) -> int:
     # from that bound lets a state too large for this machine fail before any tokenizing.
     longest = max(len(p.encode("utf-8")) for p in prompts) + 1
     model = _load(args, n, longest + args.n_predict)
+    interrupt.check()
     ids = [model.tokenizer.encode(p, add_special=True) for p in prompts]
     print(f"{PROG}: {n} sequence(s), {args.n_predict} greedy tokens each: alone, then "
           f"together ({model.device} backend)", file=sys.stderr)
     bar = Progress(n, "alone", unit="seq")
     try:
         report = parallel_check(model, ids, args.n_predict, args.batch_size,
-                                on_progress=bar.update)
+                                on_progress=interrupt.checking(bar.update))
     finally:
         bar.close()
     rows = [(r.index, r.n_prompt, f"{r.n_alone}/{r.n_together}",

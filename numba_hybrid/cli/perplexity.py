@@ -7,8 +7,9 @@ import argparse
 import sys
 
 from ..errors import NumbaHybridError
-from .common import (PROG, Progress, _add_batch_arguments, _add_runtime_arguments,
-                     _batch_budget, _n_predict, _positive_int, _read_text)
+from .common import (PROG, DeferredInterrupt, Progress, _add_batch_arguments,
+                     _add_runtime_arguments, _batch_budget, _n_predict, _positive_int,
+                     _read_text)
 
 
 def _perplexity_arguments(p: argparse.ArgumentParser) -> None:
@@ -25,12 +26,18 @@ def _perplexity_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_perplexity(args: argparse.Namespace) -> int:
+    with DeferredInterrupt() as interrupt:
+        return _perplexity(args, interrupt)
+
+
+def _perplexity(args: argparse.Namespace, interrupt: DeferredInterrupt) -> int:
     from ..engine.perplexity import perplexity, plan_perplexity
     from . import _load  # on the package, at call time: see numba_hybrid.cli
 
     text = _read_text(args.file)
     c = args.ctx_size
     model = _load(args, max(1, _batch_budget(args) // c), c)
+    interrupt.check()
     tokens = model.tokenizer.encode(text, add_special=True)
     try:
         n_chunk, n_seq, ub = plan_perplexity(len(tokens), c, args.batch_size, args.ubatch_size,
@@ -46,6 +53,7 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
     def on_chunk(i: int, ppl: float) -> None:
         bar.write(f"[{i}]{ppl:.4f},")
         bar.update(1, ppl=f"{ppl:.4f}")
+        interrupt.check()
 
     try:
         result = perplexity(model, tokens, c, args.batch_size, args.ubatch_size, args.chunks,
