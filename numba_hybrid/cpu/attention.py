@@ -12,7 +12,12 @@ import numpy as np
 
 from .jit import helper, kernel, prange
 from .norm import _inv_rms
-from .simd import exp32
+from .simd import exp32, prefetch_line
+
+# Cached positions a head's loops ask for ahead of use: its keys and values lie one row of
+# every n_kv in the cache, a stride the hardware prefetcher follows too late (decode at
+# position ~520, in the model: 171 -> 125 us per call).
+AHEAD = 6
 
 
 @helper
@@ -26,6 +31,13 @@ def _norm_rope(x, w, eps, cos, sin, out):
         a, b = out[i], out[i + half]
         out[i] = a * cos[i] - b * sin[i]
         out[i + half] = b * cos[i] + a * sin[i]
+
+
+@helper
+def _prefetch(a):
+    """Ask for the cache lines of the contiguous vector a."""
+    for off in range(0, a.size * a.itemsize, 64):
+        prefetch_line(a, off)
 
 
 @helper
@@ -110,8 +122,13 @@ def attention(qg, kx, vx, q_norm, k_norm, eps, inv_freq, k_cache, v_cache, posit
             base = (g * group + r) * 2 * hd
             _norm_rope(qg[t, base:base + hd], q_norm, eps, cos, sin, q[r])
         scores = np.empty((group, p + 1), np.float32)
+        for j in range(min(AHEAD, p + 1)):
+            _prefetch(k_cache[slot, j, g])
         for j in range(p + 1):
+            _prefetch(k_cache[slot, min(j + AHEAD, p), g])
             _scores(k_cache[slot, j, g], q, scale, scores, j)
+        for j in range(min(2 * AHEAD, p + 1)):
+            _prefetch(v_cache[slot, j, g])
         total = np.empty(group, np.float32)
         for r in range(group):
             m = np.float32(-np.inf)
@@ -126,6 +143,8 @@ def attention(qg, kx, vx, q_norm, k_norm, eps, inv_freq, k_cache, v_cache, posit
         acc = np.zeros((group, hd), np.float32)
         n = p + 1
         for j in range(0, n - n % 8, 8):
+            for u in range(8):
+                _prefetch(v_cache[slot, min(j + 2 * AHEAD + u, p), g])
             _weighted_values(v_cache[slot], j, g, scores, acc)
         for j in range(n - n % 8, n):
             vj = v_cache[slot, j, g]

@@ -1,4 +1,5 @@
-"""Vectorisable math in LLVM IR, for loops Numba's own lowering would leave scalar."""
+"""LLVM IR that Numba's own lowering lacks: vectorisable math for loops it would leave scalar,
+and a software prefetch."""
 
 from __future__ import annotations
 
@@ -52,3 +53,25 @@ def exp32(typingctx, x):
         y = builder.select(builder.fcmp_ordered("<", v, f(lo)), f(0.0), y)
         return builder.select(builder.fcmp_unordered("uno", v, v), v, y)
     return types.float32(x), codegen
+
+
+# ---- prefetch --------------------------------------------------------------------------------
+
+@intrinsic
+def prefetch_line(typingctx, a, offset):
+    """Ask for the cache line ``offset`` bytes into array a's data (a hint to the memory
+    system: it never faults, whatever the address)."""
+    if not isinstance(a, types.Array) or not isinstance(offset, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        data = context.make_array(sig.args[0])(context, builder, args[0]).data
+        i8p = ir.IntType(8).as_pointer()
+        off = context.cast(builder, args[1], sig.args[1], types.int64)
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [i8p, I32, I32, I32]),
+            "llvm.prefetch.p0")
+        builder.call(fn, [builder.gep(builder.bitcast(data, i8p), [off]),
+                          ir.Constant(I32, 0), ir.Constant(I32, 3), ir.Constant(I32, 1)])
+        return context.get_dummy_value()
+    return types.none(a, offset), codegen
