@@ -39,6 +39,8 @@ def project(h, act, ws, kinds, widths):
 
 @kernel
 def _copy_columns(src, c0, out):
+    """out [T, n] = src[:, c0:c0 + n], a row per task (numba's own copy of a column slice
+    ran at 2-13 GB/s)."""
     for t in prange(out.shape[0]):
         for c in range(out.shape[1]):
             out[t, c] = src[t, c0 + c]
