@@ -52,6 +52,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .jit import helper
+from .simd import emit_prefetch as _prefetch
 
 PANEL = 16          # rows per panel
 Q4_K, Q6_K = 0, 1      # the kernels' type codes
@@ -139,13 +140,6 @@ def _dpbusd(builder, acc, w, x, vnni):
 # token (Q4_K_M bench model, Q4_K 8192 x 2048 from DRAM): 0 B 233 us, 1024 B 208, 2048 B
 # 202, 4096 B 235.
 PREFETCH = 2048
-
-
-def _prefetch(builder, base, offset):
-    fn = cgutils.get_or_insert_function(
-        builder.module, ir.FunctionType(ir.VoidType(), [I8.as_pointer(), I32, I32, I32]),
-        "llvm.prefetch.p0")
-    builder.call(fn, [builder.gep(base, [offset]), _c(0, I32), _c(3, I32), _c(1, I32)])
 
 
 def _weights(builder, base, offset, ahead=PREFETCH):

@@ -57,6 +57,16 @@ def exp32(typingctx, x):
 
 # ---- prefetch --------------------------------------------------------------------------------
 
+def emit_prefetch(builder, base, offset):
+    """IR: prefetch the cache line at byte pointer ``base`` + ``offset`` (an i64 value) for
+    reading, into every cache level."""
+    fn = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(ir.VoidType(), [ir.IntType(8).as_pointer(), I32, I32, I32]),
+        "llvm.prefetch.p0")
+    builder.call(fn, [builder.gep(base, [offset]), ir.Constant(I32, 0), ir.Constant(I32, 3),
+                      ir.Constant(I32, 1)])
+
+
 @intrinsic
 def prefetch_line(typingctx, a, offset):
     """Ask for the cache line ``offset`` bytes into array a's data (a hint to the memory
@@ -66,12 +76,7 @@ def prefetch_line(typingctx, a, offset):
 
     def codegen(context, builder, sig, args):
         data = context.make_array(sig.args[0])(context, builder, args[0]).data
-        i8p = ir.IntType(8).as_pointer()
-        off = context.cast(builder, args[1], sig.args[1], types.int64)
-        fn = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(ir.VoidType(), [i8p, I32, I32, I32]),
-            "llvm.prefetch.p0")
-        builder.call(fn, [builder.gep(builder.bitcast(data, i8p), [off]),
-                          ir.Constant(I32, 0), ir.Constant(I32, 3), ir.Constant(I32, 1)])
+        emit_prefetch(builder, builder.bitcast(data, ir.IntType(8).as_pointer()),
+                      context.cast(builder, args[1], sig.args[1], types.int64))
         return context.get_dummy_value()
     return types.none(a, offset), codegen
