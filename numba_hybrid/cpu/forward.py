@@ -317,10 +317,10 @@ class CpuBackend:
 
     @staticmethod
     def _moe_block(p: dict):
-        """(router, gate|up, down, shared) for moe_k.moe_block where a prepared layer's MoE
-        block has its layout (a float router; the experts' gate and up fused, their down,
-        both with an integer kernel; a shared expert likewise, with its gate vector, or
-        None), else None."""
+        """moe_k.moe_block's weights where a prepared layer's MoE block has its layout (a
+        float router; the experts' gate and up fused, their down, both with an integer
+        kernel; a shared expert likewise, with its gate vector, or none), else None: the
+        rounding of the block's input for gate|up, the router, and the arguments after k."""
         fused = p["fused"]
 
         def fused_pair(gate, up):
@@ -334,12 +334,16 @@ class CpuBackend:
                 or router.act != ACT_NONE):
             return None
         if "ffn_down_shexp" not in p:
-            return router, gu, down, None
-        sh, sh_down = fused_pair("ffn_gate_shexp", "ffn_up_shexp"), p["ffn_down_shexp"]
-        if (sh is None or not sh.int_kernel or sh.act != gu.act or not sh_down.int_kernel
-                or "ffn_gate_inp_shexp" not in p):
-            return None
-        return router, gu, down, (sh, sh_down, p["ffn_gate_inp_shexp"])
+            shared = (False, *_NO_SHARED)
+        else:
+            sh, sh_down = fused_pair("ffn_gate_shexp", "ffn_up_shexp"), p["ffn_down_shexp"]
+            if (sh is None or not sh.int_kernel or sh.act != gu.act or not sh_down.int_kernel
+                    or "ffn_gate_inp_shexp" not in p):
+                return None
+            shared = (True, *int_weight(sh), sh.n_rows, *int_weight(sh_down), sh_down.act,
+                      p["ffn_gate_inp_shexp"])
+        return gu.act, (router.raw, router.qtype), (*int_weight(gu), gu.n_rows,
+                                                    *int_weight(down), down.act, *shared)
 
     def matmuls(self, x, layer, names) -> list:
         """x @ W^T for each matrix named (one product for those fused at load)."""
@@ -512,19 +516,11 @@ class CpuBackend:
         return out
 
     def moe_block(self, weights, h: Input) -> np.ndarray:
-        """ffn's MoE block in one compiled call (moe_k.moe_block), for the layout
-        CpuBackend._moe_block found."""
-        router, gu, down, shared = weights
+        """ffn's MoE block in one compiled call (moe_k.moe_block), with the weights
+        CpuBackend._moe_block prepared."""
+        act, router, rest = weights
         out = np.empty_like(h.x)
-        if shared is None:
-            sh, n_sh, sh_down, sh_act, sh_gate = _NO_SHARED
-        else:
-            sh_w, sh_down_w, sh_gate = shared
-            sh, sh_down = int_weight(sh_w), int_weight(sh_down_w)
-            n_sh, sh_act = sh_w.n_rows, sh_down_w.act
-        moe_k.moe_block(h.x, h.quantized(gu.act), router.raw, router.qtype,
-                        self.args.n_expert_used, *int_weight(gu), gu.n_rows, *int_weight(down),
-                        down.act, shared is not None, *sh, n_sh, *sh_down, sh_act, sh_gate, out)
+        moe_k.moe_block(h.x, h.quantized(act), *router, self.args.n_expert_used, *rest, out)
         return out
 
 
@@ -535,5 +531,5 @@ def int_weight(w: QWeight) -> tuple:
 
 
 # moe_block's arguments for a block without a shared expert (of types it compiles for)
-_NO_SHARED = ((np.zeros((1, 1), np.uint8), 0), 0, (np.zeros((1, 1), np.uint8), 0), 0,
+_NO_SHARED = (np.zeros((1, 1), np.uint8), 0, 0, np.zeros((1, 1), np.uint8), 0, 0,
               np.zeros(1, np.float32))
