@@ -8,8 +8,8 @@ import os
 import sys
 
 from ..errors import NumbaHybridError
-from .common import (PROG, DeferredInterrupt, Progress, _add_runtime_arguments, _positive_int,
-                     _table)
+from .common import (PROG, DeferredInterrupt, deferring_interrupts, Progress,
+                     _add_runtime_arguments, _positive_int, _table)
 
 
 def _bench_arguments(p: argparse.ArgumentParser) -> None:
@@ -38,11 +38,6 @@ def _bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-check", action="store_true",
                    help="skip the check, before timing, that parallel sequences decode "
                         "exactly as alone")
-
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    with DeferredInterrupt() as interrupt:
-        return _bench(args, interrupt)
 
 
 def _bench(args: argparse.Namespace, interrupt: DeferredInterrupt) -> int:
@@ -105,6 +100,9 @@ def _bench(args: argparse.Namespace, interrupt: DeferredInterrupt) -> int:
         bench.plot(sweep, par, args.plot, title=f"{name} ({model.device}, {args.precision})")
         print(f"{PROG}: plot written to {args.plot}", file=sys.stderr)
     return 0
+
+
+cmd_bench = deferring_interrupts(_bench)
 
 
 def _threads_in_use() -> int:

@@ -275,3 +275,12 @@ class DeferredInterrupt:
 
     def __exit__(self, *exc) -> None:
         signal.signal(signal.SIGINT, self._previous)
+
+
+def deferring_interrupts(body):
+    """A command ``body(args, interrupt)`` as ``cmd(args)``, run under a DeferredInterrupt
+    whose ``check`` it calls at its safe points."""
+    def cmd(args):
+        with DeferredInterrupt() as interrupt:
+            return body(args, interrupt)
+    return cmd

@@ -7,8 +7,8 @@ import argparse
 import sys
 
 from ..errors import NumbaHybridError
-from .common import (PROG, DeferredInterrupt, Progress, _add_runtime_arguments, _positive_int,
-                     _read_text, _table)
+from .common import (PROG, DeferredInterrupt, deferring_interrupts, Progress,
+                     _add_runtime_arguments, _positive_int, _read_text, _table)
 
 
 def _parallel_arguments(p: argparse.ArgumentParser) -> None:
@@ -25,11 +25,6 @@ def _parallel_arguments(p: argparse.ArgumentParser) -> None:
                    help="most tokens per step of the concurrent run; small, so prompts are "
                         "split into chunks that share batches with other sequences' "
                         "decoding (default: %(default)s)")
-
-
-def cmd_parallel(args: argparse.Namespace) -> int:
-    with DeferredInterrupt() as interrupt:
-        return _parallel(args, interrupt)
 
 
 def _parallel(args: argparse.Namespace, interrupt: DeferredInterrupt) -> int:
@@ -75,3 +70,6 @@ def _parallel(args: argparse.Namespace, interrupt: DeferredInterrupt) -> int:
     print(f"OK: all {n} sequences decode to bitwise identical tokens and logits alone and "
           f"together")
     return 0
+
+
+cmd_parallel = deferring_interrupts(_parallel)

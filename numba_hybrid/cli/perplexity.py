@@ -7,9 +7,8 @@ import argparse
 import sys
 
 from ..errors import NumbaHybridError
-from .common import (PROG, DeferredInterrupt, Progress, _add_batch_arguments,
-                     _add_runtime_arguments, _batch_budget, _n_predict, _positive_int,
-                     _read_text)
+from .common import (PROG, DeferredInterrupt, deferring_interrupts, Progress, _add_batch_arguments,
+                     _add_runtime_arguments, _batch_budget, _n_predict, _positive_int, _read_text)
 
 
 def _perplexity_arguments(p: argparse.ArgumentParser) -> None:
@@ -23,11 +22,6 @@ def _perplexity_arguments(p: argparse.ArgumentParser) -> None:
                                  "(below -c, each chunk is fed in pieces)")
     p.add_argument("--chunks", type=_n_predict, default=-1, metavar="N",
                    help="score at most N chunks; -1 = all (default: %(default)s)")
-
-
-def cmd_perplexity(args: argparse.Namespace) -> int:
-    with DeferredInterrupt() as interrupt:
-        return _perplexity(args, interrupt)
 
 
 def _perplexity(args: argparse.Namespace, interrupt: DeferredInterrupt) -> int:
@@ -63,3 +57,6 @@ def _perplexity(args: argparse.Namespace, interrupt: DeferredInterrupt) -> int:
     sys.stdout.write("\n")
     print(f"Final estimate: PPL = {result.ppl:.4f} +/- {result.ppl_error:.5f}")
     return 0
+
+
+cmd_perplexity = deferring_interrupts(_perplexity)

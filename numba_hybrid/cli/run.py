@@ -8,9 +8,9 @@ import sys
 import time
 
 from ..errors import NumbaHybridError
-from .common import (PROG, DeferredInterrupt, _add_batch_arguments, _add_runtime_arguments,
-                     _batch_budget, _int, _model_path, _n_predict, _non_negative_int,
-                     _positive_int, _read_text)
+from .common import (PROG, DeferredInterrupt, deferring_interrupts, _add_batch_arguments,
+                     _add_runtime_arguments, _batch_budget, _int, _model_path, _n_predict,
+                     _non_negative_int, _positive_int, _read_text)
 
 
 def _run_arguments(p: argparse.ArgumentParser) -> None:
@@ -104,11 +104,6 @@ def _training_ctx(path: str) -> int:
     return read_model(GGUFFile(path)).args.n_ctx_train
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    with DeferredInterrupt() as interrupt:
-        return _run(args, interrupt)
-
-
 def _run(args: argparse.Namespace, interrupt: DeferredInterrupt) -> int:
     from ..engine import Engine, StopCriteria
     from ..engine.engine import render_chat
@@ -182,6 +177,9 @@ def _run(args: argparse.Namespace, interrupt: DeferredInterrupt) -> int:
         raise
     _report_run(engine, time.perf_counter() - t0)
     return 0
+
+
+cmd_run = deferring_interrupts(_run)
 
 
 def _report_run(engine, seconds: float) -> None:
