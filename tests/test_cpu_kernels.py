@@ -23,6 +23,7 @@ from numba_hybrid.cpu.forward import (INT_TYPES, expert_linear, expert_linear_in
 from numba_hybrid.cpu import matmul as mm_k
 from numba_hybrid.cpu import moe as moe_k
 from numba_hybrid.cpu import norm as norm_k
+from numba_hybrid.cpu import rows as rows_k
 from numba_hybrid.cpu import quantize as quant_k
 from numba_hybrid.reference import ops
 
@@ -383,9 +384,10 @@ def test_expert_matmul_int(qtype, T):
                          ids=lambda v: getattr(v, "name", v))
 def test_integer_kernels_give_every_token_the_same_bits_in_any_batch(qtype, k):
     """Three panels (the last partial), taken one and two per call, and tiles of every
-    size from 1 to 4 tokens (Q8_0: blocks of 16 rows, the last partial; an odd number of
-    blocks in a row for k = 800): each token's result is bitwise the same computed alone
-    or among 29 others, and close to the float64 product."""
+    size (Q8_0: blocks of 16 rows, the last partial; an odd number of blocks in a row for
+    k = 800; passes of 1 to rows.TOKENS tokens, both ways of offsetting the bytes): each
+    token's result is bitwise the same computed alone, in batches of every size up to
+    rows.TOKENS + 1, or among 29 others, and close to the float64 product."""
     rng = np.random.default_rng(k + int(qtype))
     n, T = 40, 30
     raw = random_weight(qtype, n, k, rng)
@@ -398,6 +400,10 @@ def test_integer_kernels_give_every_token_the_same_bits_in_any_batch(qtype, k):
         alone = poisoned((1, n))
         linear_int(quantize(x[t:t + 1], act), w, alone)
         assert np.array_equal(alone[0], together[t]), t
+    for size in range(2, rows_k.TOKENS + 2):
+        some = poisoned((size, n))
+        linear_int(quantize(x[T - size:], act), w, some)
+        assert np.array_equal(some, together[T - size:]), size
     ref = quants.round_activations(x, act).astype(np.float64) @ dequant_reference(raw, qtype).T
     assert_close("matmul", ref, together)
 

@@ -422,7 +422,7 @@ def matmul_q8_0_rows(x, xd, n16, n32, ws, out):
     (uint8 [N_m, 34 K/32] each, the file's bytes) -> out [T, sum of N_m]. Tasks are blocks
     of RB rows; tokens go by rows.TOKENS, each block of rows passing once per group."""
     T, N = x.shape[0], out.shape[1]
-    negs = rows.q8_0_negs(x)
+    acts = rows.q8_0_activations(x, xd)
     tok = np.arange(T)
     for b in prange((N + RB - 1) // RB):
         r0 = b * RB
@@ -431,7 +431,7 @@ def matmul_q8_0_rows(x, xd, n16, n32, ws, out):
             nt = min(rows.TOKENS, T - i0)
             start = 0
             for m in range(len(ws)):
-                start = rows.stacked(ws[m], start, x, xd, negs, tok, i0, nt, r0, r1, out)
+                start = rows.stacked(ws[m], start, acts, tok, i0, nt, r0, r1, out)
 
 
 # The product of 8-bit activations and a weight in the integer layout of fast precision, as

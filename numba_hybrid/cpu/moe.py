@@ -207,7 +207,7 @@ def expert_matmul_q8_0_rows(x, xd, n16, n32, src, ws, exp_start, tasks, out):
     """expert_matmul for Q8_0 experts in the file's layout, on 8-bit activations: ws a
     tuple of uint8 [E, N_m, 34 K/32] whose rows are stacked (matmul.matmul_q8_0_rows);
     tasks from task_list(counts, sum of N_m, -1)."""
-    negs = rows.q8_0_negs(x)
+    acts = rows.q8_0_activations(x, xd)
     N = out.shape[1]
     for i in prange(tasks.shape[0]):
         e, b = tasks[i, 0], tasks[i, 1]
@@ -218,7 +218,7 @@ def expert_matmul_q8_0_rows(x, xd, n16, n32, src, ws, exp_start, tasks, out):
             nt = min(rows.TOKENS, p1 - i0)
             start = 0
             for m in range(len(ws)):
-                start = rows.stacked(ws[m][e], start, x, xd, negs, src, i0, nt, r0, r1, out)
+                start = rows.stacked(ws[m][e], start, acts, src, i0, nt, r0, r1, out)
 
 
 # One MoE feed-forward block as a single compiled call, for the layouts of fast precision:

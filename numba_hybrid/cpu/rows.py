@@ -6,20 +6,33 @@ panels, most of it the kernel handing out fresh pages; 0.04 s in place). A row i
 blocks of 34 bytes, an f16 scale d then 32 int8 weights w. Two blocks, 2b and 2b + 1, are
 one 64-byte vector: the 68 bytes at 68 b are read as two overlapping 64-byte loads, one
 two-source permute picks the 64 weights (``vpermt2w``) and one word permute spreads the
-two scales over the vector's halves. With 8-bit activations x (quantize.quantize_int8, blocks of 32,
-scale xd), per token, exactly (|p| < 2^16 per lane):
+two scales over the vector's halves. Lanes 0-7 take block 2b and 8-15 block 2b + 1. With
+8-bit activations x (quantize.quantize_int8, blocks of 32, scale xd), per (row, token) and
+pair of blocks, exactly:
 
-    p = (w + 128) . x - 128 * (x summed per lane)                  one ``vpdpbusd``
+    p = the 16 lanes' sums of 4 products w * x, in int32           ``vpdpbusd``
     acc += float(p) * (d * xd)                                      16 float lanes, one FMA
 
-``vpdpbusd`` multiplies unsigned by signed bytes, hence w + 128 (w xor 0x80) and the
-correction ``neg`` (q8_0_negs, once per token for all rows), which starts each sum. Lanes
-0-7 take the even blocks and 8-15 the odd ones; two accumulators take alternate pairs (the
-FMA latency) and at the row's end the lanes are summed in a fixed tree. A call takes rows
-one after the other (one stream through memory) and up to TOKENS tokens, each weight
-vector serving every token; per (row, token) the
-operations are the same, in the same order, for any number of tokens, so a token's result
-does not depend on the batch, bit for bit.
+and at the row's end the lanes of acc are summed in a fixed tree. ``vpdpbusd`` multiplies
+unsigned by signed bytes, so one side is offset by 128 and a correction starts the sum.
+Which side is a matter of speed only (p is an exact integer either way), and it depends on
+how many tokens a pass takes:
+
+* Few tokens (nt < WIDE, decode): the weights are offset (w xor 0x80, once per pair) and
+  each token's correction -128 * (x summed per lane) is read from ``negs``, computed once
+  per call. This keeps a pair's work short, which one-token passes, bound by memory, need.
+* Many (prompts): the activations are offset (``xu`` = x + 128, once per call) and the
+  correction -128 * (w summed per lane) is one more ``vpdpbusd`` per pair and row, shared
+  by all the pass's tokens. ROWS rows go together, so every activation vector loaded
+  serves both, and the activations' scales come spread over 16 lanes (``xs``), a memory
+  operand of the multiply. A (row, token, pair) then costs one ``vpdpbusd``, one
+  conversion, one multiply and one FMA. (Against one row at a time, offset weights and 4
+  tokens a pass: a 512-token prompt on the Q8_0 bench model 282 -> 327-346 tok/s, decode
+  unchanged.)
+
+A call takes up to TOKENS tokens; per (row, token) the operations are the same, in the same
+order, for any number of tokens and either side offset, so a token's result does not
+depend on the batch, bit for bit.
 
 Without AVX512-VNNI the same integer sums come from portable IR (panels._dpbusd).
 """
@@ -36,9 +49,10 @@ from .jit import helper
 from .panels import (F16, F32, I8, I16, I32, V16F, V16I, V64B, _c, _consts, _dpbusd, _fma,
                      _has_vnni, _load, _prefetch, _splat)
 
-TOKENS = 4              # tokens per call, at most
+TOKENS = 8              # tokens per pass, at most
+WIDE = 4                # passes of this many tokens or more offset the activations
+ROWS = 2                # rows taken together by such passes
 BLOCK = 34              # bytes per Q8_0 block: f16 d, 32 int8
-ACCS = 2                # accumulators per (row, token), taking alternate pairs of blocks
 # Software prefetch of the row's stream, this many bytes ahead (one matrix 32768 x 2048
 # from DRAM, one token: none 28 GB/s, 512 B 40, 1024 B 40, 2048 B 39).
 PREFETCH = 1024
@@ -50,29 +64,44 @@ _PICK = _consts(list(range(2, 34)) + list(range(96, 128)))
 # Block 2b's scale is word 0 of the first load, block 2b + 1's word 17.
 _SCALES = _consts([0] * 8 + [17] * 8)
 _HALVES = _consts([0] * 8 + [1] * 8)
+_BIAS = ir.Constant(V64B, [0x80] * 64)
 
 
 @helper
-def q8_0_negs(xq):
-    """-128 * the sums of each 4 consecutive 8-bit activations: int32 [T, K/4]."""
+def q8_0_activations(xq, xd):
+    """8-bit activations (quantize.quantize_int8: xq int8 [T, K], xd [T, K/32]) as the
+    kernel reads them: (xq, xd, negs, xu, xs). negs int32 [T, K/4]: -128 * the sums of each
+    4 consecutive xq. If T >= WIDE (else empty): xu = xq + 128 as uint8 [T, K], and xs the
+    scales spread over the lanes of each pair of blocks, float32 [T, ceil(K/64), 16] (lanes
+    0-7 block 2g's, 8-15 block 2g + 1's or zero past the end)."""
     T, K = xq.shape
-    out = np.empty((T, K // 4), np.int32)
+    nb = K // 32
+    negs = np.empty((T, K // 4), np.int32)
     for t in range(T):
         for i in range(K // 4):
             s = np.int32(xq[t, 4 * i]) + np.int32(xq[t, 4 * i + 1])
             s += np.int32(xq[t, 4 * i + 2]) + np.int32(xq[t, 4 * i + 3])
-            out[t, i] = -128 * s
-    return out
+            negs[t, i] = -128 * s
+    Tw = T if T >= WIDE else 0
+    xu = np.empty((Tw, K), np.uint8)
+    xs = np.zeros((Tw, (nb + 1) // 2, 16), np.float32)
+    for t in range(Tw):
+        for i in range(K):
+            xu[t, i] = np.uint8(np.int32(xq[t, i]) + 128)
+        for b in range(nb):
+            for lane in range(8):
+                xs[t, b // 2, 8 * (b % 2) + lane] = xd[t, b]
+    return xq, xd, negs, xu, xs
 
 
 @helper
-def stacked(w, start, x, xd, negs, tok, i0, nt, r0, r1, out):
+def stacked(w, start, acts, tok, i0, nt, r0, r1, out):
     """q8_0_rows for the rows r0..r1 of a product stacking several matrices that fall in
     w, whose rows are the product's from ``start``; returns where the next matrix starts."""
     n = w.shape[0]
     lo, hi = max(r0, start), min(r1, start + n)
     if lo < hi:
-        q8_0_rows(w, x, xd, negs, tok, i0, nt, lo - start, hi - lo, out, lo)
+        q8_0_rows(w, acts, tok, i0, nt, lo - start, hi - lo, out, lo)
     return start + n
 
 
@@ -86,92 +115,115 @@ def _hsum16(builder, v):
 
 
 def _emit(context, builder, sig, args, nt, vnni):
-    w, x, xd, negs, tok, out = (context.make_array(sig.args[i])(context, builder, args[i])
-                                for i in (0, 1, 2, 3, 4, 9))
+    w, tok, out = (context.make_array(sig.args[i])(context, builder, args[i]) for i in (0, 2, 7))
+    acts = [context.make_array(ty)(context, builder, v)
+            for ty, v in zip(sig.args[1].types, cgutils.unpack_tuple(builder, args[1]))]
     cast = lambda i: context.cast(builder, args[i], sig.args[i], types.int64)  # noqa: E731
-    i0, r0, nr, c0 = cast(5), cast(7), cast(8), cast(10)
-    K = builder.extract_value(x.shape, 1)
-    wstride = builder.extract_value(w.strides, 0)
-    xrow, xdrow, nrow = [], [], []
+    i0, r0, nr, c0 = cast(3), cast(5), cast(6), cast(8)
+    wide = nt >= WIDE
+    K = builder.extract_value(acts[0].shape, 1)
+    # per token: its activations (xu or xq), their scales (xs or xd), and negs
+    tokens = []
     for j in range(nt):
         t = builder.load(builder.gep(tok.data, [builder.add(i0, _c(j))]))
-        xrow.append(builder.gep(x.data, [builder.mul(t, K)]))
-        xdrow.append(builder.gep(xd.data, [builder.mul(t, builder.lshr(K, _c(5)))]))
-        nrow.append(builder.gep(builder.bitcast(negs.data, I8.as_pointer()),
-                                [builder.mul(t, K)]))
-    accs = [[cgutils.alloca_once(builder, V16F) for _ in range(ACCS)] for _ in range(nt)]
-    bias = ir.Constant(V64B, [0x80] * 64)
+        row = []
+        for a in ((3, 4) if wide else (0, 1, 2)):
+            data = builder.bitcast(acts[a].data, I8.as_pointer())
+            row.append(builder.gep(data, [builder.mul(t, builder.extract_value(acts[a].strides,
+                                                                                0))]))
+        tokens.append(row)
     base = builder.bitcast(out.data, I8.as_pointer())
     ostride = builder.extract_value(out.strides, 0)
-    with cgutils.for_range(builder, nr) as rows:
-        row = builder.gep(w.data, [builder.mul(builder.add(r0, rows.index), wstride)])
-        col = builder.add(c0, rows.index)
-        for a in accs:
-            for u in a:
-                builder.store(ir.Constant(V16F, None), u)
-        _row(builder, row, col, K, xrow, xdrow, nrow, accs, base, ostride, i0, nt, bias, vnni)
+    wstride = builder.extract_value(w.strides, 0)
+
+    def rows(first, n):
+        """Rows first..first + n - 1 of the call, together."""
+        ptrs = [builder.gep(w.data, [builder.mul(builder.add(r0, builder.add(first, _c(r))),
+                                                 wstride)]) for r in range(n)]
+        cols = [builder.add(c0, builder.add(first, _c(r))) for r in range(n)]
+        _rows(builder, ptrs, cols, K, tokens, wide, base, ostride, i0, vnni)
+
+    together = ROWS if wide else 1
+    full = builder.udiv(nr, _c(together))
+    with cgutils.for_range(builder, full) as loop:
+        rows(builder.mul(loop.index, _c(together)), together)
+    if together > 1:
+        with cgutils.for_range(builder, builder.sub(nr, builder.mul(full, _c(together)))) as loop:
+            rows(builder.add(builder.mul(full, _c(together)), loop.index), 1)
 
 
-def _row(builder, row, col, K, xrow, xdrow, nrow, accs, base, ostride, i0, nt, bias, vnni):
+def _rows(builder, ptrs, cols, K, tokens, wide, base, ostride, i0, vnni):
+    """len(ptrs) rows times the tokens, each activation vector loaded once for all rows."""
+    zero = ir.Constant(V16I, None)
+    accs = [[cgutils.alloca_once(builder, V16F) for _ in ptrs] for _ in tokens]
+    for a in accs:
+        for acc in a:
+            builder.store(ir.Constant(V16F, None), acc)
 
-    def pair(g, u, last):
-        """Blocks 2g and 2g + 1 into accumulator u; ``last``: block 2g alone (an odd
-        number of blocks), the upper half of every vector zero."""
+    def widen(v, n):
+        """The n-lane vector v in the low lanes of a vector twice as long, zeros above."""
+        return builder.shuffle_vector(v, ir.Constant(v.type, None), _consts(range(2 * n)))
+
+    def pair(g, last):
+        """Blocks 2g and 2g + 1; ``last``: block 2g alone (an odd number of blocks), the
+        upper half of every vector zero."""
         off = builder.mul(g, _c(2 * BLOCK))
-        _prefetch(builder, row, builder.add(off, _c(PREFETCH)))
-        if last:
-            a = _load(builder, row, off, ir.VectorType(I8, BLOCK))
-            a = builder.shuffle_vector(a, ir.Constant(a.type, None), _consts(range(64)))
-            b = ir.Constant(V64B, None)
-        else:
-            a = _load(builder, row, off, V64B)
-            b = _load(builder, row, builder.add(off, _c(4)), V64B)
-        ws = builder.xor(builder.shuffle_vector(a, b, _PICK), bias)
-        halves = builder.bitcast(a, V32W)
-        d = builder.fpext(builder.bitcast(builder.shuffle_vector(halves, halves, _SCALES),
-                                          ir.VectorType(F16, 16)), V16F)
-        if last:
-            d = builder.shuffle_vector(d, ir.Constant(V16F, None),
-                                       _consts(list(range(8)) + list(range(16, 24))))
-        for j in range(nt):
+        ws, starts, ds = [], [], []
+        for row in ptrs:
+            _prefetch(builder, row, builder.add(off, _c(PREFETCH)))
             if last:
-                xv = _load(builder, xrow[j], builder.mul(g, _c(64)), ir.VectorType(I8, 32))
-                xv = builder.shuffle_vector(xv, ir.Constant(xv.type, None), _consts(range(64)))
-                ng = _load(builder, nrow[j], builder.mul(g, _c(64)), ir.VectorType(I32, 8))
-                ng = builder.shuffle_vector(ng, ir.Constant(ng.type, None), _consts(range(16)))
-                sx = _splat(builder, _load(builder, xdrow[j], builder.mul(g, _c(2)), F32), V2F)
+                a = widen(_load(builder, row, off, ir.VectorType(I8, BLOCK)), 32)
+                b = ir.Constant(V64B, None)
             else:
-                xv = _load(builder, xrow[j], builder.mul(g, _c(64)), V64B)
-                ng = _load(builder, nrow[j], builder.mul(g, _c(64)), V16I)
-                sx = _load(builder, xdrow[j], builder.mul(g, _c(2)), V2F)
-            p = _dpbusd(builder, ng, ws, xv, vnni)
-            scale = builder.fmul(d, builder.shuffle_vector(sx, sx, _HALVES))
-            acc = builder.load(accs[j][u])
-            builder.store(_fma(builder, builder.sitofp(p, V16F), scale, acc), accs[j][u])
+                a = _load(builder, row, off, V64B)
+                b = _load(builder, row, builder.add(off, _c(4)), V64B)
+            w = builder.shuffle_vector(a, b, _PICK)
+            if wide:        # the correction from the weights, for every token
+                starts.append(builder.sub(zero, _dpbusd(builder, zero, _BIAS, w, vnni)))
+            else:
+                w = builder.xor(w, _BIAS)
+            ws.append(w)
+            halves = builder.bitcast(a, V32W)
+            d = builder.fpext(builder.bitcast(builder.shuffle_vector(halves, halves, _SCALES),
+                                              ir.VectorType(F16, 16)), V16F)
+            if last:
+                d = builder.shuffle_vector(d, ir.Constant(V16F, None),
+                                           _consts(list(range(8)) + list(range(16, 24))))
+            ds.append(d)
+        at = builder.mul(g, _c(64))
+        for j, ptr in enumerate(tokens):
+            x = (widen(_load(builder, ptr[0], at, ir.VectorType(I8, 32)), 32) if last
+                 else _load(builder, ptr[0], at, V64B))
+            if wide:
+                sx = _load(builder, ptr[1], at, V16F)
+            else:
+                sx = (_splat(builder, _load(builder, ptr[1], builder.mul(g, _c(8)), F32), V2F)
+                      if last else _load(builder, ptr[1], builder.mul(g, _c(8)), V2F))
+                sx = builder.shuffle_vector(sx, sx, _HALVES)
+                ng = (widen(_load(builder, ptr[2], at, ir.VectorType(I32, 8)), 8) if last
+                      else _load(builder, ptr[2], at, V16I))
+            for r in range(len(ptrs)):
+                p = (_dpbusd(builder, starts[r], x, ws[r], vnni) if wide
+                     else _dpbusd(builder, ng, ws[r], x, vnni))
+                acc = builder.load(accs[j][r])
+                builder.store(_fma(builder, builder.sitofp(p, V16F), builder.fmul(ds[r], sx),
+                                   acc), accs[j][r])
 
     nb = builder.udiv(K, _c(32))
-    npairs = builder.udiv(nb, _c(2))
-    groups = builder.udiv(npairs, _c(ACCS))
-    with cgutils.for_range(builder, groups) as loop:
-        for u in range(ACCS):
-            pair(builder.add(builder.mul(loop.index, _c(ACCS)), _c(u)), u, False)
-    for u in range(ACCS - 1):
-        g = builder.add(builder.mul(groups, _c(ACCS)), _c(u))
-        with builder.if_then(builder.icmp_unsigned("<", g, npairs)):
-            pair(g, u, False)
+    with cgutils.for_range(builder, builder.udiv(nb, _c(2))) as loop:
+        pair(loop.index, False)
     with builder.if_then(builder.icmp_unsigned("!=", builder.urem(nb, _c(2)), _c(0))):
-        pair(npairs, 0, True)
-    for j in range(nt):
-        off = builder.add(builder.mul(builder.add(i0, _c(j)), ostride), builder.mul(col, _c(4)))
-        acc = builder.load(accs[j][0])
-        for u in range(1, ACCS):
-            acc = builder.fadd(acc, builder.load(accs[j][u]))
-        builder.store(_hsum16(builder, acc),
-                      builder.bitcast(builder.gep(base, [off]), F32.as_pointer()))
+        pair(builder.udiv(nb, _c(2)), True)
+    for j in range(len(tokens)):
+        for r in range(len(ptrs)):
+            off = builder.add(builder.mul(builder.add(i0, _c(j)), ostride),
+                              builder.mul(cols[r], _c(4)))
+            builder.store(_hsum16(builder, builder.load(accs[j][r])),
+                          builder.bitcast(builder.gep(base, [off]), F32.as_pointer()))
 
 
 def _codegen(context, builder, sig, args):
-    nt = context.cast(builder, args[6], sig.args[6], types.int64)
+    nt = context.cast(builder, args[4], sig.args[4], types.int64)
     end = builder.append_basic_block("rows_end")
     switch = builder.switch(nt, end)
     vnni = _has_vnni()
@@ -186,9 +238,9 @@ def _codegen(context, builder, sig, args):
 
 
 @intrinsic
-def q8_0_rows(typingctx, w, x, xd, negs, tok, i0, nt, r0, nr, out, c0):
+def q8_0_rows(typingctx, w, acts, tok, i0, nt, r0, nr, out, c0):
     """out[i0 + j, c0 + i] = Q8_0 row r0 + i of w (uint8 [N, 34 K/32], the file's bytes)
-    . the 8-bit activations of token tok[i0 + j] (x, xd; negs = q8_0_negs(x)), for i < nr
-    and j < nt <= TOKENS."""
-    sig = types.none(w, x, xd, negs, tok, i0, nt, r0, nr, out, c0)
+    . the 8-bit activations of token tok[i0 + j] (acts = q8_0_activations(xq, xd)), for
+    i < nr and j < nt <= TOKENS."""
+    sig = types.none(w, acts, tok, i0, nt, r0, nr, out, c0)
     return sig, _codegen
