@@ -9,6 +9,10 @@ vector body and its scalar fallback round differently; LLVM picks between them a
 from the arrays' addresses, which made results depend on the heap and broke bitwise batch
 invariance. For the same reason no loop may both store to memory and accumulate a
 reduction: such a loop is versioned, and the two versions sum in different orders.
+In a kernel (parallel=True) every array constructor or whole-array expression outside a
+prange (np.zeros, np.arange, ``a[:] = 0``) is a parallel loop of its own: a fork and a join
+of the threads, more futex calls and, after a wait longer than the spin, a sleeping thread
+to wake. A kernel should have one; its setup goes in ``serial`` functions.
 Set ``NUMBA_HYBRID_SERIAL=1`` to build the kernels without threads (tests, debugging).
 """
 

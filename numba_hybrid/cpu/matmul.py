@@ -15,10 +15,16 @@ from numba.core import types
 from numba.extending import overload
 
 from .dequant import F16_TABLE, dequant_row
-from .jit import helper, kernel, prange
+from .jit import helper, kernel, prange, serial
 from . import panels, rows
 
 RB = 16
+
+
+@serial
+def arange(n):
+    """np.arange(n), for kernels: there it would be a parallel loop of its own (jit.py)."""
+    return np.arange(n)
 
 
 @helper
@@ -403,7 +409,7 @@ def panels_of(raw: np.ndarray, kind: int):
 def matmul_panels(x, xd, n16, n32, wp, kind, out):
     """8-bit activations (quantize.quantize_int8) times a matrix in panels -> out [T, N]."""
     T, G = x.shape[0], wp.shape[0]
-    tok = np.arange(T)
+    tok = arange(T)
     gp, tp = panels.tile(kind, T)
     for b in prange((G + gp - 1) // gp):
         g0 = b * gp
@@ -423,7 +429,7 @@ def matmul_q8_0_rows(x, xd, n16, n32, ws, out):
     of RB rows; tokens go by rows.TOKENS, each block of rows passing once per group."""
     T, N = x.shape[0], out.shape[1]
     acts = rows.q8_0_activations(x, xd)
-    tok = np.arange(T)
+    tok = arange(T)
     for b in prange((N + RB - 1) // RB):
         r0 = b * RB
         r1 = min(N, r0 + RB)

@@ -45,7 +45,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .jit import helper
+from .jit import helper, serial
 from .panels import (F16, F32, I8, I16, I32, V16F, V16I, V64B, _c, _consts, _dpbusd, _fma,
                      _has_vnni, _load, _prefetch, _splat)
 
@@ -67,7 +67,7 @@ _HALVES = _consts([0] * 8 + [1] * 8)
 _BIAS = ir.Constant(V64B, [0x80] * 64)
 
 
-@helper
+@serial
 def q8_0_activations(xq, xd):
     """8-bit activations (quantize.quantize_int8: xq int8 [T, K], xd [T, K/32]) as the
     kernel reads them: (xq, xd, negs, xu, xs). negs int32 [T, K/4]: -128 * the sums of each
