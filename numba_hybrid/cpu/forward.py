@@ -225,12 +225,11 @@ def fused_qweight(ts: list) -> tuple[QWeight, list]:
     kind = REPACK_INT[qtype]
     shapes = [mm_k.panel_shape(r, kind) for r in raws]
     total = shapes[0][:-2] + (sum(sh[-2] for sh in shapes), shapes[0][-1])
-    out = mm_k.panel_buffer(total)          # zeroed: partial panels' padding rows
+    out = mm_k.panel_buffer(total, zero=raws[-1].shape[-2] % panels.PANEL != 0)
     g0 = 0
     for raw, sh in zip(raws, shapes):
         mm_k.panels_into(raw, kind, out, g0)
         g0 += sh[-2]
-    mm_k.huge_pages_later(out)
     w = QWeight(raws[0], qtype, int(edges[-1]), int(ts[0].ne[0]), activation_kind(ts[0].qtype),
                 (out, kind), True)
     return w, spans

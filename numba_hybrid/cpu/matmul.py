@@ -10,8 +10,6 @@ does not depend on the rest of the batch (bitwise batch invariance).
 
 from __future__ import annotations
 
-import mmap
-
 import numpy as np
 from numba.core import types
 from numba.extending import overload
@@ -389,38 +387,21 @@ def panels_into(raw: np.ndarray, kind: int, out: np.ndarray, g0: int = 0) -> Non
     _panel_rows(raw.reshape((M,) + raw.shape[-2:]), kind, out3, out3.view(np.uint32), g0)
 
 
-def panel_buffer(shape: tuple) -> np.ndarray:
-    """A zeroed uint8 array for panels, in pages mapped for it alone (so it starts on a
-    page, and the kernels' 64-byte weight loads never straddle two cache lines). The pages
-    are small while the panels are written: asking for transparent huge pages up front
-    made loading erratic, as a fault that must compact memory to find one can take
-    milliseconds (Q4_K_M bench model, fresh processes: 0.54-1.27 s with them, 0.57-0.63 s
-    without). ``huge_pages_later`` asks for them once the panels are written."""
+def panel_buffer(shape: tuple, zero: bool) -> np.ndarray:
+    """An uninitialised (or zeroed) uint8 array for panels, starting on a cache line: the
+    kernels' 64-byte weight loads then never straddle two lines (numpy's large arrays
+    start 16 bytes into a page)."""
     n = int(np.prod(shape, dtype=np.int64))
-    pages = mmap.mmap(-1, max(n, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    return np.frombuffer(pages, np.uint8, n).reshape(shape)
-
-
-def huge_pages_later(buf: np.ndarray) -> None:
-    """Let the kernel's background thread (khugepaged) merge panel_buffer ``buf``'s pages
-    into transparent huge pages: fewer TLB misses when the weights stream (decode measured
-    ~1.5% faster with them), at no cost to loading."""
-    base = buf
-    while isinstance(base, np.ndarray):
-        base = base.base
-    base = base.obj if isinstance(base, memoryview) else base
-    if isinstance(base, mmap.mmap) and hasattr(mmap, "MADV_HUGEPAGE"):
-        try:
-            base.madvise(mmap.MADV_HUGEPAGE)
-        except OSError:             # a kernel without transparent huge pages
-            pass
+    buf = (np.zeros if zero else np.empty)(n + 64, np.uint8)
+    skip = -buf.ctypes.data % 64
+    return buf[skip:skip + n].reshape(shape)
 
 
 def panels_of(raw: np.ndarray, kind: int):
     """Raw rows [..., N, bytes] -> (panels uint8 [..., G, bytes], kind)."""
-    out = panel_buffer(panel_shape(raw, kind))      # zeroed: a partial panel's padding rows
+    # Only a partial last panel has rows that no write reaches: zero its padding.
+    out = panel_buffer(panel_shape(raw, kind), zero=raw.shape[-2] % panels.PANEL != 0)
     panels_into(raw, kind, out)
-    huge_pages_later(out)
     return out, kind
 
 
