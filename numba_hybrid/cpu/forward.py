@@ -184,6 +184,13 @@ class Input:
 # token).
 DELTANET_IN = ("attn_qkv", "attn_gate", "ssm_beta", "ssm_alpha")
 ATTENTION_IN = ("attn_q", "attn_k", "attn_v")
+# Batches of at most this many tokens take the compiled blocks (blocks.py, moe.moe_block);
+# larger ones the Python sequence of kernel calls, which gives the same bits. The blocks
+# save a step's dispatch (decode 1.4-2% faster), but their large intermediates, allocated
+# in compiled code, cost more to fault in: Q4_K_M bench model, in one process, a 512-token
+# prompt 590 tok/s with every block against 616 without, 8 prompts of 128 tokens 524
+# against 598.
+BLOCK_TOKENS = 16
 FUSED = (DELTANET_IN, ATTENTION_IN, ("ffn_gate", "ffn_up"), ("ffn_gate_shexp", "ffn_up_shexp"),
          ("ffn_gate_exps", "ffn_up_exps"))
 
@@ -430,7 +437,7 @@ class CpuBackend:
     def deltanet(self, l, layer, h, state, plan):
         a = self.args
         T = h.shape[0]
-        if "mixer_block" in layer:
+        if "mixer_block" in layer and T <= BLOCK_TOKENS:
             (act, ws, kinds, widths), (n_qkv, n_z, n_b, _), out_w = layer["mixer_block"]
             out = np.empty((T, a.n_embd), np.float32)
             blocks_k.deltanet_block(h, act, ws, kinds, widths, n_qkv, n_z, n_b, layer["ssm_dt"],
@@ -456,7 +463,7 @@ class CpuBackend:
     def attention(self, l, layer, h, state, plan):
         a = self.args
         T = h.shape[0]
-        if "mixer_block" in layer:
+        if "mixer_block" in layer and T <= BLOCK_TOKENS:
             (act, ws, kinds, widths), (n_q, n_k, _), out_w = layer["mixer_block"]
             out = np.empty((T, a.n_embd), np.float32)
             blocks_k.attention_block(h, act, ws, kinds, widths, n_q, n_k, layer["attn_q_norm"],
@@ -480,7 +487,7 @@ class CpuBackend:
             act = np.empty((T, a.n_ff), np.float32)
             self.swiglu(h, layer, "ffn_gate", "ffn_up", act)
             return self.matmul(act, layer["ffn_down"])
-        if "moe_block" in layer:
+        if "moe_block" in layer and T <= BLOCK_TOKENS:
             return self.moe_block(layer["moe_block"], h)
         experts = np.empty((T, k), np.int64)
         weights = np.empty((T, k), np.float32)
