@@ -9,9 +9,10 @@ the GGUF size of the weights, and % of the memory bandwidth) and for T = 512 tok
 (GFLOP/s). The memory bandwidth of a VM moves by up to 2x from minute to minute, so it is
 measured beside the kernel: rounds of a streaming read over float32 buffers as large as
 the weights, then the GEMV over as many weight copies; % is the median of the rounds'
-ratios, and each GB/s the median over rounds. "exact" multiplies float32 activations; "fast" quantises them to 8-bit
-blocks (the time of that is included) and runs the integer kernels for Q8_0, Q6_K and
-Q4_K on their own layouts (other types multiply the rounded activations in float32). Prints a table.
+ratios, and each GB/s the median over rounds. "exact" multiplies float32 activations;
+"fast" quantises them to 8-bit blocks (the time of that is included) and runs the integer
+kernels for Q8_0, Q6_K and Q4_K on their own layouts (other types multiply the rounded
+activations in float32). Prints a table.
 
     python bench/bench_gemv.py [--rows 4096] [--cols 4096] [--types Q8_0,Q4_K,Q6_K,Q4_0]
                                [--precision exact,fast]

@@ -95,7 +95,8 @@ class ReferenceBackend:
     def ffn(self, layer, f):
         a, lin = self.args, self.lin
         if a.ffn_kind == "dense":
-            return ops.swiglu(f, lin(layer["ffn_gate"]), lin(layer["ffn_up"]), lin(layer["ffn_down"]))
+            return ops.swiglu(f, lin(layer["ffn_gate"]), lin(layer["ffn_up"]),
+                              lin(layer["ffn_down"]))
         out = ops.moe(f, lin(layer["ffn_gate_inp"]), lin(layer["ffn_gate_exps"]),
                       lin(layer["ffn_up_exps"]), lin(layer["ffn_down_exps"]), a.n_expert_used)
         if layer.get("ffn_gate_shexp") is not None:
