@@ -19,6 +19,7 @@ from .jit import helper, kernel, prange, serial
 from . import panels, rows
 
 RB = 16
+F32 = 0      # GGML's type code
 
 
 @serial
@@ -37,19 +38,24 @@ def dot(a, b):
 
 @kernel
 def matmul(x, raw, qtype, out):
-    """x [T, K] f32, raw uint8 [N, bytes_per_row] of GGML type ``qtype`` -> out [T, N]."""
+    """x [T, K] f32, raw uint8 [N, bytes_per_row] of GGML type ``qtype`` -> out [T, N].
+    F32 rows are read in place (the MoE router): the same dot of the same values as on a
+    copy, without the copy and its allocation."""
     T, K = x.shape
     N = raw.shape[0]
+    in_place = qtype == F32
     for b in prange((N + RB - 1) // RB):
         r0 = b * RB
         r1 = min(N, r0 + RB)
-        w = np.empty((RB, K), np.float32)
-        for r in range(r0, r1):
-            dequant_row(raw[r], qtype, w[r - r0])
+        w = np.empty((0 if in_place else RB, K), np.float32)
+        if not in_place:
+            for r in range(r0, r1):
+                dequant_row(raw[r], qtype, w[r - r0])
         for t in range(T):
             xt = x[t]
             for r in range(r0, r1):
-                out[t, r] = dot(w[r - r0], xt)
+                row = raw[r].view(np.float32) if in_place else w[r - r0]
+                out[t, r] = dot(row, xt)
 
 
 @kernel
