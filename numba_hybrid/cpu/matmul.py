@@ -14,12 +14,11 @@ import numpy as np
 from numba.core import types
 from numba.extending import overload
 
-from .dequant import F16_TABLE, dequant_row
+from .dequant import F16_TABLE, F32, dequant_row
 from .jit import helper, kernel, prange, serial
 from . import panels, rows
 
 RB = 16
-F32 = 0      # GGML's type code
 
 
 @serial
