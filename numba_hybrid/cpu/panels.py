@@ -140,12 +140,19 @@ def _dpbusd(builder, acc, w, x, vnni):
 # token (Q4_K_M bench model, Q4_K 8192 x 2048 from DRAM): 0 B 233 us, 1024 B 208, 2048 B
 # 202, 4096 B 235.
 PREFETCH = 2048
+# A second prefetch of each line, this many bytes ahead, into the outer caches only (the
+# nearer one above then finds it there): more lines in flight from DRAM than the L1's own stream
+# allows. All of one token's products of a decode step in turn (Q4_K_M bench model, 282 MB,
+# 5 alternating pairs of processes): 5-12% faster in every pair, 4096 B about the same.
+PREFETCH_L2 = 8192
 
 
 def _weights(builder, base, offset, ahead=PREFETCH):
-    """The 64 bytes of weights at base + offset, prefetching ``ahead`` bytes ahead."""
+    """The 64 bytes of weights at base + offset, prefetching ``ahead`` bytes ahead (and
+    PREFETCH_L2 into the outer caches)."""
     if ahead:
         _prefetch(builder, base, _c(offset + ahead))
+        _prefetch(builder, base, _c(offset + PREFETCH_L2), locality=1)
     return _load(builder, base, _c(offset), V64B)
 
 

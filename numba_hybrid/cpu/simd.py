@@ -57,14 +57,15 @@ def exp32(typingctx, x):
 
 # ---- prefetch --------------------------------------------------------------------------------
 
-def emit_prefetch(builder, base, offset):
+def emit_prefetch(builder, base, offset, locality=3):
     """IR: prefetch the cache line at byte pointer ``base`` + ``offset`` (an i64 value) for
-    reading, into every cache level."""
+    reading; locality 3 (prefetcht0) into every cache level, 1 (prefetcht2) into the outer
+    ones."""
     fn = cgutils.get_or_insert_function(
         builder.module, ir.FunctionType(ir.VoidType(), [ir.IntType(8).as_pointer(), I32, I32, I32]),
         "llvm.prefetch.p0")
-    builder.call(fn, [builder.gep(base, [offset]), ir.Constant(I32, 0), ir.Constant(I32, 3),
-                      ir.Constant(I32, 1)])
+    builder.call(fn, [builder.gep(base, [offset]), ir.Constant(I32, 0),
+                      ir.Constant(I32, locality), ir.Constant(I32, 1)])
 
 
 @intrinsic
