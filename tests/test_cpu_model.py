@@ -156,45 +156,6 @@ def test_compiled_mixer_blocks_give_the_python_paths_bits(model, wtype):
         np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize("model,wtype", [("qwen3next-tiny", "q8_0"), ("qwen35moe-tiny", "q8_0")])
-def test_compiled_layers_give_the_python_paths_bits(model, wtype):
-    """Whole decoder layers as one compiled call each (blocks.deltanet_layer,
-    attention_layer: the mixer block, the residual norms and the MoE block) and as the Python
-    sequence of kernel calls give the same logits and states, bit for bit, on a prompt and a
-    decode step of two sequences, then a step of both; every layer takes the compiled call.
-    (The fixtures whose blocks are panels have one of the two blocks only; the layer call
-    passes the weights through to them unchanged, and the tests above cover each block.)"""
-    from numba_hybrid.cpu import blocks
-
-    m = nh.load(gguf_path(model, wtype), device="cpu", n_slots=2, n_ctx=64, precision="fast")
-    assert all("mixer_block" in layer and "moe_block" in layer for layer in m.backend.layers)
-    ids = sequences(model)["s40"]
-    calls = []
-
-    def counted(f):
-        def call(*args):
-            calls.append(f)
-            return f(*args)
-        return call
-
-    def run():
-        for s in (0, 1):
-            m.reset(s)
-        first = m.decode(list(ids[:9]) + [int(ids[20])], list(range(9)) + [0], [0] * 9 + [1])
-        second = m.decode([int(ids[9]), int(ids[21])], [9, 1], [0, 1])
-        return [first, second] + [b.copy() for b in m.state.buffers()]
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(blocks, "deltanet_layer", counted(blocks.deltanet_layer))
-        mp.setattr(blocks, "attention_layer", counted(blocks.attention_layer))
-        compiled = run()
-    assert len(calls) == 2 * len(m.backend.layers)
-    for layer in m.backend.layers:
-        del layer["mixer_block"], layer["moe_block"]
-    for a, b in zip(run(), compiled, strict=True):
-        np.testing.assert_array_equal(a, b)
-
-
 def test_fast_matches_reference_with_the_same_activation_rounding():
     """precision="fast" against the float64 reference that rounds activations the same way,
     on the first token of every fixture sequence (36 cases).

@@ -21,8 +21,7 @@ from .conv import causal_conv
 from .deltanet import gates, scan
 from .jit import kernel, prange, serial
 from .matmul import dense_product
-from .moe import moe_block
-from .norm import add, add_rms_norm, gated_rms_norm
+from .norm import gated_rms_norm
 from .quantize import quantized_int8
 
 
@@ -109,55 +108,3 @@ def attention_block(h, act, ws, kinds, widths, n_q, n_k, q_norm, k_norm, eps, in
     attention(qg, k, v, q_norm, k_norm, eps, inv_freq, k_cache, v_cache, positions, tok_slot,
               o)
     dense_product(quantized_int8(o, act_out), w_out, kind_out, out)
-
-
-# A whole decoder layer as one compiled call: its token mixer (a block above), the residual
-# add and norm, the MoE block (moe.moe_block) and the next residual add and norm. At decode a
-# layer is then one dispatch from Python instead of four. A dispatch costs ~15 us with the
-# caches cold (right after a 384 MB stream, as after a layer's weights), and in its gap the
-# other thread's spin can run out: it sleeps, and the next parallel loop waits ~20-30 us for
-# it. Decode of the Q4_K_M bench model, alternating processes: faster in 6 of 8 pairs, by
-# ~1% at the median. ``mixer`` is the block's arguments other than
-# h, the plan's arrays and out, in its order; ``ffn`` moe_block's after h, with the rounding
-# of its gate|up input first. ``next_norm`` is the next layer's input norm, or empty after the
-# last layer (then h is left as it is: the model's output norm takes x).
-
-@serial
-def _ffn_and_residual(x, h, eps, ffn, next_norm):
-    """x += moe(h); h = next_norm(x) (the MoE half of a layer, h its normed input)."""
-    (act, router, router_qtype, k, gu, gu_kind, n_gu, down, down_kind, down_act, shared,
-     sh_gu, sh_gu_kind, n_sh, sh_down, sh_down_kind, sh_act, sh_gate) = ffn
-    f = np.empty_like(h)
-    moe_block(h, quantized_int8(h, act), router, router_qtype, k, gu, gu_kind, n_gu, down,
-              down_kind, down_act, shared, sh_gu, sh_gu_kind, n_sh, sh_down, sh_down_kind,
-              sh_act, sh_gate, f)
-    if next_norm.size:
-        add_rms_norm(x, f, next_norm, eps, h)
-    else:
-        add(x, f)
-
-
-@serial
-def deltanet_layer(x, h, mixer, run_start, run_len, run_slot, norm, eps, ffn, next_norm):
-    """One delta-net layer on the residual stream x [T, H] and its normed copy h (both
-    updated in place): deltanet_block, then _ffn_and_residual."""
-    (act, ws, kinds, widths, n_qkv, n_z, n_b, dt_bias, ssm_a, conv_w, conv_state, ssm, kq_map,
-     hk, dk, l2_eps, norm_w, w_out, kind_out, act_out) = mixer
-    m = np.empty_like(h)
-    deltanet_block(h, act, ws, kinds, widths, n_qkv, n_z, n_b, dt_bias, ssm_a, conv_w,
-                   conv_state, ssm, kq_map, hk, dk, l2_eps, run_start, run_len, run_slot,
-                   norm_w, eps, w_out, kind_out, act_out, m)
-    add_rms_norm(x, m, norm, eps, h)
-    _ffn_and_residual(x, h, eps, ffn, next_norm)
-
-
-@serial
-def attention_layer(x, h, mixer, positions, run_len, run_slot, norm, eps, ffn, next_norm):
-    """One attention layer, as deltanet_layer."""
-    (act, ws, kinds, widths, n_q, n_k, q_norm, k_norm, inv_freq, k_cache, v_cache, w_out,
-     kind_out, act_out) = mixer
-    m = np.empty_like(h)
-    attention_block(h, act, ws, kinds, widths, n_q, n_k, q_norm, k_norm, eps, inv_freq,
-                    k_cache, v_cache, positions, run_len, run_slot, w_out, kind_out, act_out, m)
-    add_rms_norm(x, m, norm, eps, h)
-    _ffn_and_residual(x, h, eps, ffn, next_norm)

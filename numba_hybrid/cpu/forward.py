@@ -410,18 +410,13 @@ class CpuBackend:
         h = np.empty_like(x)
         norm_k.rms_norm(x, self.layers[0]["attn_norm"], a.rms_eps, h)
         for l, layer in enumerate(self.layers):
-            last = l + 1 == len(self.layers)
-            if T <= BLOCK_TOKENS and "mixer_block" in layer and "moe_block" in layer:
-                self.layer_block(l, layer, x, h, state, plan,
-                                 _NO_NORM if last else self.layers[l + 1]["attn_norm"])
-                continue
             if layer["kind"] == RECURRENT:
                 m = self.deltanet(l, layer, h, state, plan)
             else:
                 m = self.attention(l, layer, h, state, plan)
             norm_k.add_rms_norm(x, m, layer["post_attention_norm"], a.rms_eps, h)
             f = self.ffn(layer, h)
-            if not last:
+            if l + 1 < len(self.layers):
                 norm_k.add_rms_norm(x, f, self.layers[l + 1]["attn_norm"], a.rms_eps, h)
             else:
                 norm_k.add(x, f)
@@ -433,28 +428,6 @@ class CpuBackend:
             del x, h, xo, xn
             trim_heap()
         return logits
-
-    def layer_block(self, l, layer, x, h, state, plan, next_norm) -> None:
-        """A layer whose mixer and MoE block both have their compiled blocks, as one call
-        (blocks_k.deltanet_layer, attention_layer): x and h updated in place, as forward's
-        loop does."""
-        a = self.args
-        act, router, rest = layer["moe_block"]
-        ffn = (act, *router, a.n_expert_used, *rest)
-        (m_act, ws, kinds, widths), names_rows, out_w = layer["mixer_block"]
-        if layer["kind"] == RECURRENT:
-            n_qkv, n_z, n_b, _ = names_rows
-            mixer = (m_act, ws, kinds, widths, n_qkv, n_z, n_b, layer["ssm_dt"], layer["ssm_a"],
-                     layer["ssm_conv1d"], state.conv[l], state.ssm[l], self.kq_map,
-                     a.ssm_k_heads, a.ssm_k_dim, L2_NORM_EPS, layer["ssm_norm"], *out_w)
-            blocks_k.deltanet_layer(x, h, mixer, plan.run_start, plan.run_len, plan.run_slot,
-                                    layer["post_attention_norm"], a.rms_eps, ffn, next_norm)
-        else:
-            n_q, n_k, _ = names_rows
-            mixer = (m_act, ws, kinds, widths, n_q, n_k, layer["attn_q_norm"],
-                     layer["attn_k_norm"], self.inv_freq, state.k[l], state.v[l], *out_w)
-            blocks_k.attention_layer(x, h, mixer, plan.positions, plan.run_len, plan.run_slot,
-                                     layer["post_attention_norm"], a.rms_eps, ffn, next_norm)
 
     def int_input(self, x: Input, w: QWeight):
         """For a weight in an integer layout (fast precision): x quantised for it, else
@@ -592,8 +565,6 @@ def int_weight(w: QWeight) -> tuple:
     (the tuple of Q8_0 matrices it stacks, -1)."""
     return (w.rows, -1) if w.rows is not None else w.packed
 
-
-_NO_NORM = np.zeros(0, np.float32)      # blocks_k's next_norm after the last layer
 
 # moe_block's arguments for a block without a shared expert (of types it compiles for)
 _NO_SHARED = (np.zeros((1, 1), np.uint8), 0, 0, np.zeros((1, 1), np.uint8), 0, 0,
