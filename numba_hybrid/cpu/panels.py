@@ -141,9 +141,10 @@ def _dpbusd(builder, acc, w, x, vnni):
 # 202, 4096 B 235.
 PREFETCH = 2048
 # A second prefetch of each line, this many bytes ahead, into the outer caches only (the
-# nearer one above then finds it there): more lines in flight from DRAM than the L1's own stream
-# allows. All of one token's products of a decode step in turn (Q4_K_M bench model, 282 MB,
-# 5 alternating pairs of processes): 5-12% faster in every pair, 4096 B about the same.
+# nearer one above then finds it there): more lines in flight from DRAM than the L1's own
+# stream allows. All of one token's products of a decode step in turn (Q4_K_M bench model,
+# 282 MB, 5 alternating pairs of processes): 2-13% faster in every pair, 4096 and 12288 B
+# within the noise of 8192. Decode: faster in 6 of 8 alternating pairs, ~4% at the median.
 PREFETCH_L2 = 8192
 
 
