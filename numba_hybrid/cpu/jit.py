@@ -71,8 +71,9 @@ def lean_cached_kernels() -> bool:
     when a compile links against the kernel.
 
     This reaches into numba's code library (``CPUCodeLibrary._unserialize`` and
-    ``_get_module_for_linking``, stable since numba 0.50); where they differ from what this
-    expects nothing is changed. Returns whether the change is in place.
+    ``_get_module_for_linking``, as in numba 0.68); where either is missing nothing is
+    changed. Returns whether the change is in place (tests/test_jit.py checks it is, and
+    that a compile linking against a cached kernel still works).
     """
     lib_cls = getattr(_codegen, "CPUCodeLibrary", None)
     unserialize = getattr(lib_cls, "_unserialize", None)
