@@ -146,14 +146,26 @@ PREFETCH = 2048
 # 282 MB, 5 alternating pairs of processes): 2-13% faster in every pair, 4096 and 12288 B
 # within the noise of 8192. Decode: faster in 6 of 8 alternating pairs, ~4% at the median.
 PREFETCH_L2 = 8192
+# A call of one panel and one token (every call of a one-token product: tile) reads its
+# weights once, so both prefetches are non-temporal (prefetchnta): on AMD the lines then
+# skip the outer caches (the L2, and the L3 its victims fill). Q4_K_M bench model,
+# alternating pairs of processes: decode faster in 6 of 6 pairs (median of the pairs'
+# ratios 5.7%); all of a token's products in turn, with nothing else to keep cached, 4 of 4
+# (1-5%), so the gain is not only the recurrent state staying in the L3. Calls of more
+# panels or tokens read their weights again for the next tile of tokens, from the outer
+# caches: they keep the temporal prefetches. (Q8_0 rows, rows.py, read one token's rows
+# the same way, but there prefetchnta measured no faster: decode on the Q8_0 bench model 3
+# of 6 pairs faster, median of the pairs' ratios 1% slower.)
+NON_TEMPORAL = 0
 
 
-def _weights(builder, base, offset, ahead=PREFETCH):
+def _weights(builder, base, offset, ahead=PREFETCH, locality=3):
     """The 64 bytes of weights at base + offset, prefetching ``ahead`` bytes ahead (and
-    PREFETCH_L2 into the outer caches)."""
+    PREFETCH_L2 into the outer caches) with ``locality`` (simd.emit_prefetch; 0: both
+    non-temporal)."""
     if ahead:
-        _prefetch(builder, base, _c(offset + ahead))
-        _prefetch(builder, base, _c(offset + PREFETCH_L2), locality=1)
+        _prefetch(builder, base, _c(offset + ahead), locality=locality)
+        _prefetch(builder, base, _c(offset + PREFETCH_L2), locality=min(locality, 1))
     return _load(builder, base, _c(offset), V64B)
 
 
@@ -235,7 +247,7 @@ def _q4_k_block(builder, call, sb, accs, ng, nt, vnni):
         for v in range(4):
             ws = []
             for r in range(ng):
-                q = _weights(builder, base[r], 320 + (4 * j + v) * 64)
+                q = _weights(builder, base[r], 320 + (4 * j + v) * 64, locality=call.locality)
                 ws.append((builder.and_(q, low), builder.lshr(q, four)))
             for half in range(2):
                 offset = builder.add(builder.mul(sb, _c(256)), _c(32 * j + 4 * (2 * v + half)))
@@ -280,8 +292,9 @@ def _q6_k_block(builder, call, sb, accs, ng, nt, vnni):
         ws = []
         for r in range(ng):
             ahead = BLOCK_BYTES[Q6_K]
-            lo = [_weights(builder, base[r], Q6_K_LOW + (2 * u + v) * 64, ahead) for v in range(2)]
-            hi = _weights(builder, base[r], Q6_K_HIGH + 64 * u, ahead)
+            lo = [_weights(builder, base[r], Q6_K_LOW + (2 * u + v) * 64, ahead,
+                           call.locality) for v in range(2)]
+            hi = _weights(builder, base[r], Q6_K_HIGH + 64 * u, ahead, call.locality)
             steps = []
             for s in range(4):
                 nib = (builder.and_(lo[s // 2], low) if s % 2 == 0 else
@@ -308,6 +321,7 @@ _BLOCK = {Q4_K: _q4_k_block, Q6_K: _q6_k_block}
 
 def _emit(context, builder, sig, args, kind, ng, nt, vnni):
     call = _Call(context, builder, sig, args, ng, nt)
+    call.locality = NON_TEMPORAL if ng == 1 and nt == 1 else 3
     accs = [[cgutils.alloca_once_value(builder, ir.Constant(V16F, None)) for _ in range(nt)]
             for _ in range(ng)]
     n_blocks = builder.udiv(call.K, _c(BLOCK_INPUTS[kind]))

@@ -60,7 +60,7 @@ def exp32(typingctx, x):
 def emit_prefetch(builder, base, offset, locality=3):
     """IR: prefetch the cache line at byte pointer ``base`` + ``offset`` (an i64 value) for
     reading; locality 3 (prefetcht0) into every cache level, 1 (prefetcht2) into the outer
-    ones."""
+    ones, 0 (prefetchnta) non-temporal, kept out of the outer caches where the CPU can."""
     fn = cgutils.get_or_insert_function(
         builder.module, ir.FunctionType(ir.VoidType(), [ir.IntType(8).as_pointer(), I32, I32, I32]),
         "llvm.prefetch.p0")
