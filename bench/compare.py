@@ -17,13 +17,17 @@ What is measured, per model file, with the same thread count for both engines:
   page cache, kernels compiled on first use excluded) and resident memory (VmRSS) after
   loading and after the runs.
 
-Both engines get the same batches through the same code (``measure``): fixed token ids,
+Both engines get the same batches through the same code (``steps``): fixed token ids,
 nothing sampled, logits of the last token of each sequence only. llama.cpp is driven
 through llama-cpp-python's low-level batch API (bench/peer_llama.py): one context with
 8 sequences, one llama_decode per batch; numba_hybrid through ``Model.decode`` on 8 slots.
-Every repetition runs each engine in a fresh subprocess of this script (so that load time
-and memory are its own), alternating which engine goes first; figures are medians over
-the repetitions. Prints the tables and the targets (PASS/FAIL) and writes them to
+Every repetition starts each engine in a fresh subprocess of this script (so that load time
+and memory are its own; the two load one after the other), then runs each measurement on
+one engine and straight after on the other, which goes first alternating with the
+repetition: the two figures of a pair see the same state of the machine, whose speed
+drifts over seconds to minutes (a shared virtual machine more than most). Each side's
+figures are medians over the repetitions; each ratio is the median of the repetitions'
+ratios. Prints the tables and the targets (PASS/FAIL) and writes them to
 bench/results/<date>-cpu.md.
 
     python bench/compare.py -m bench/models/a3b-8l-q4_k_m.gguf [-m ...] [-t 2] [-r 3]
@@ -40,6 +44,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -78,24 +83,26 @@ def _generate(eng, ids, n: int, start: int, steps: int) -> float:
     return n * steps / (time.perf_counter() - t)
 
 
-def measure(eng, ids, prompt=PROMPT, gen=GEN, par_prompt=PAR_PROMPT, par_gen=PAR_GEN) -> dict:
-    """Every throughput row once (tok/s) on an engine with ``decode``/``reset``."""
-    r = {"pp": _prompt(eng, ids[:prompt], 1), "tg": _generate(eng, ids, 1, prompt, gen)}
+def steps(prompt=PROMPT, gen=GEN, par_prompt=PAR_PROMPT, par_gen=PAR_GEN) -> list:
+    """The throughput rows, in order, as (key, function of (engine, ids) -> tok/s). A
+    generation step continues the sequences that its engine's previous step (a prompt)
+    started, so each engine must run them in this order."""
+    out = [("pp", lambda eng, ids: _prompt(eng, ids[:prompt], 1)),
+           ("tg", lambda eng, ids: _generate(eng, ids, 1, prompt, gen))]
     for n in (1, 2, 4, N_SEQ):
-        mpp = _prompt(eng, ids[:par_prompt], n)
-        if n == N_SEQ:
-            r["mpp"] = mpp
-        r[f"np{n}"] = _generate(eng, ids, n, par_prompt, par_gen)
-    return r
+        out += [(f"mpp{n}", lambda eng, ids, n=n: _prompt(eng, ids[:par_prompt], n)),
+                (f"np{n}", lambda eng, ids, n=n: _generate(eng, ids, n, par_prompt, par_gen))]
+    return out
+
+
+STEPS = dict(steps())
 
 
 def warm_up(eng, ids, parallel: bool = True) -> None:
     """The same kinds of batches, small: kernels compiled, buffers allocated."""
-    if parallel:
-        measure(eng, ids, prompt=16, gen=2, par_prompt=16, par_gen=2)
-    else:
-        _prompt(eng, ids[:16], 1)
-        _generate(eng, ids, 1, 16, 2)
+    todo = steps(16, 2, 16, 2) if parallel else steps(16, 2)[:2]
+    for _, fn in todo:
+        fn(eng, ids)
 
 
 def rss_mb() -> float:
@@ -110,7 +117,7 @@ def token_ids(n_vocab: int) -> np.ndarray:
     return np.random.default_rng(0).integers(0, n_vocab, PROMPT)
 
 
-# ---- one engine, one repetition (run in a subprocess) ---------------------------------
+# ---- the engines' processes -----------------------------------------------------------
 
 def read_through(path: str) -> None:
     """Read the file once so that both engines load it from the page cache: load times
@@ -121,60 +128,112 @@ def read_through(path: str) -> None:
             pass
 
 
-def worker_ours(path: str, threads: int, precision: str, rep: int) -> dict:
+def load_ours(path: str, threads: int, precision: str, n_slots: int = N_SEQ):
     import numba_hybrid as nh
-    import numba_hybrid.cpu.forward  # noqa: F401  (libraries imported before the clock, as the peer's)
+    return nh.load(path, device="cpu", n_slots=n_slots, n_ctx=N_CTX, threads=threads,
+                   precision=precision)
 
-    def load(n_slots):
-        return nh.load(path, device="cpu", n_slots=n_slots, n_ctx=N_CTX, threads=threads,
-                       precision=precision)
 
-    read_through(path)
-    t = time.perf_counter()
-    m = load(N_SEQ)
-    r = {"load": time.perf_counter() - t, "rss_load": rss_mb(),
-         "state_mb": m.state.nbytes() / 2**20}
-    ids = token_ids(m.args.n_vocab)
-    warm_up(m, ids)
-    r.update(measure(m, ids))
-    r["rss_run"] = rss_mb()
-    # 8 slots against 1: a second model, after the RSS figures. Rounds of a prompt and
-    # SLOT_STEPS generated tokens on each model in turn (which goes first alternates), so
-    # that both see the same machine; the ratio is the median of the rounds' ratios.
-    m1 = load(1)
+def slot_rounds(m, path: str, args, ids) -> dict:
+    """numba_hybrid with 8 slots against 1: a second model, loaded after the RSS figures.
+    Rounds of a prompt and SLOT_STEPS generated tokens on each model in turn (which goes
+    first alternates), so that both see the same machine; the ratio is the median of the
+    rounds' ratios."""
+    m1 = load_ours(path, args.threads, args.precision, 1)
     warm_up(m1, ids, parallel=False)
     speeds = {N_SEQ: [], 1: []}
     for k in range(SLOT_ROUNDS):
-        for n_slots, eng in [(N_SEQ, m), (1, m1)][::1 if (rep + k) % 2 else -1]:
+        for n_slots, eng in [(N_SEQ, m), (1, m1)][::1 if (args.rep + k) % 2 else -1]:
             _prompt(eng, ids, 1)
             speeds[n_slots].append(_generate(eng, ids, 1, PROMPT, SLOT_STEPS))
-    r["tg8"], r["tg1"] = (float(np.median(speeds[n])) for n in (N_SEQ, 1))
-    r["tg_ratio"] = float(np.median(np.divide(speeds[N_SEQ], speeds[1])))
-    return r
+    return {"tg8": float(np.median(speeds[N_SEQ])), "tg1": float(np.median(speeds[1])),
+            "tg_ratio": float(np.median(np.divide(speeds[N_SEQ], speeds[1])))}
 
 
-def worker_peer(path: str, threads: int) -> dict:
-    from peer_llama import LlamaPeer
-
+def worker(args) -> None:
+    """One engine in its own process: load it (timed), warm it up, print READY and its
+    load figures, then run each command read from stdin (a key of STEPS, "rss", "slots",
+    "quit") and print its result, as JSON lines."""
+    path = args.model[0]
+    if args.worker == "ours":
+        import numba_hybrid.cpu.forward  # noqa: F401  (libraries imported before the clock)
+    else:
+        from peer_llama import LlamaPeer
     read_through(path)
     t = time.perf_counter()
-    p = LlamaPeer(path, n_seq=N_SEQ, n_ctx_seq=N_CTX, n_batch=N_BATCH, threads=threads)
-    r = {"load": time.perf_counter() - t, "rss_load": rss_mb()}
-    ids = token_ids(p.n_vocab)
-    warm_up(p, ids)
-    r.update(measure(p, ids))
-    r["rss_run"] = rss_mb()
-    return r
+    if args.worker == "ours":
+        eng = load_ours(path, args.threads, args.precision)
+        r = {"state_mb": eng.state.nbytes() / 2**20}
+        n_vocab = eng.args.n_vocab
+    else:
+        eng = LlamaPeer(path, n_seq=N_SEQ, n_ctx_seq=N_CTX, n_batch=N_BATCH, threads=args.threads)
+        r, n_vocab = {}, eng.n_vocab
+    r.update(load=time.perf_counter() - t, rss_load=rss_mb())
+    ids = token_ids(n_vocab)
+    warm_up(eng, ids)
+    print("READY " + json.dumps(r), flush=True)
+    for line in sys.stdin:
+        cmd = line.strip()
+        if cmd == "quit":
+            break
+        if cmd == "rss":
+            r = {"rss_run": rss_mb()}
+        elif cmd == "slots":
+            r = slot_rounds(eng, path, args, ids)
+        else:
+            r = {cmd: STEPS[cmd](eng, ids)}
+        print("RESULT " + json.dumps(r), flush=True)
 
 
-def run_worker(engine: str, path: str, args, rep: int) -> dict:
-    cmd = [sys.executable, __file__, "--worker", engine, "--rep", str(rep), "-m", path,
-           "-t", str(args.threads), "--precision", args.precision]
-    out = subprocess.run(cmd, capture_output=True, text=True)
-    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
-    if out.returncode != 0 or not lines:
-        sys.exit(f"{engine} on {path} failed (exit {out.returncode}):\n{out.stderr[-4000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
+class Worker:
+    """The parent's handle on a worker process."""
+
+    def __init__(self, engine: str, path: str, args, rep: int):
+        cmd = [sys.executable, __file__, "--worker", engine, "--rep", str(rep), "-m", path,
+               "-t", str(args.threads), "--precision", args.precision]
+        self.name = f"{engine} on {path}"
+        self.err = tempfile.TemporaryFile("w+")
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self.err, text=True, bufsize=1)
+        self.figures = self._reply("READY ")
+
+    def _reply(self, tag: str) -> dict:
+        for line in self.proc.stdout:
+            if line.startswith(tag):
+                return json.loads(line[len(tag):])
+        self.err.seek(0)
+        sys.exit(f"{self.name} failed (exit {self.proc.wait()}):\n{self.err.read()[-4000:]}")
+
+    def ask(self, cmd: str) -> None:
+        self.proc.stdin.write(cmd + "\n")
+        self.proc.stdin.flush()
+        self.figures.update(self._reply("RESULT "))
+
+    def close(self) -> dict:
+        self.proc.stdin.write("quit\n")
+        self.proc.stdin.close()
+        self.proc.wait()
+        self.err.close()
+        return self.figures
+
+
+def repetition(path: str, args, rep: int) -> tuple[dict, dict]:
+    """Both engines in processes alive together, loaded one after the other; then every
+    measurement on one and at once on the other (which goes first alternates with the
+    repetition), so that each pair of figures saw the same state of the machine. Returns
+    (ours, peer's) figures; the peer's are empty with --no-peer."""
+    engines = ["ours"] if args.no_peer else ["ours", "peer"][::1 if rep % 2 == 0 else -1]
+    workers = {}
+    for engine in engines:
+        workers[engine] = Worker(engine, path, args, rep)
+    for key in STEPS:
+        for engine in engines:
+            workers[engine].ask(key)
+    for engine in engines:
+        workers[engine].ask("rss")
+    workers["ours"].ask("slots")
+    figures = {engine: w.close() for engine, w in workers.items()}
+    return figures["ours"], figures.get("peer", {})
 
 
 def source_revision() -> str:
@@ -225,47 +284,60 @@ ROWS = [("pp", f"prompt processing, {PROMPT} tokens (tok/s)", "{:.1f}"),
         ("np2", "aggregate generation, 2 sequences (tok/s)", "{:.1f}"),
         ("np4", "aggregate generation, 4 sequences (tok/s)", "{:.1f}"),
         ("np8", "aggregate generation, 8 sequences (tok/s)", "{:.1f}"),
-        ("mpp", f"prefill of {N_SEQ} x {PAR_PROMPT} tokens in one batch (tok/s)", "{:.1f}"),
+        (f"mpp{N_SEQ}", f"prefill of {N_SEQ} x {PAR_PROMPT} tokens in one batch (tok/s)",
+         "{:.1f}"),
         ("roof", "generation / memory roofline", "{:.1%}"),
         ("load", "load time (s)", "{:.2f}"),
         ("rss_load", "resident memory after load (MB)", "{:.0f}"),
         ("rss_run", "resident memory after the runs (MB)", "{:.0f}")]
 
 
-def targets(a: dict, b: dict, file_mb: float) -> list[tuple[str, float | None, bool | None]]:
+def targets(a: dict, ratio: dict, file_mb: float) -> list:
     """(target, measured value, passed) for one model; None where llama.cpp was not run."""
-    def vs_peer(key):
-        return a[key] / b[key] if b else None
-
     limit = file_mb + a["state_mb"] + RSS_SLACK_MB
-    rows = [("generation >= 1.4x llama.cpp", vs_peer("tg"), 1.4),
-            ("prompt processing >= 1.5x llama.cpp", vs_peer("pp"), 1.5),
-            ("aggregate generation, 8 sequences >= 1.5x llama.cpp", vs_peer("np8"), 1.5),
+    rows = [("generation >= 1.4x llama.cpp", ratio.get("tg"), 1.4),
+            ("prompt processing >= 1.5x llama.cpp", ratio.get("pp"), 1.5),
+            ("aggregate generation, 8 sequences >= 1.5x llama.cpp", ratio.get(f"np{N_SEQ}"),
+             1.5),
             ("generation, 8 slots / 1 slot configured >= 0.98x", a["tg_ratio"], 0.98),
             (f"prefill of {N_SEQ} x {PAR_PROMPT} >= 0.9x own single-sequence PP",
-             a["mpp"] / a["pp"], 0.9)]
+             a["mpp_pp"], 0.9)]
     out = [(name, v, None if v is None else v >= lo) for name, v, lo in rows]
     out.append((f"RSS after the runs <= file + state + {RSS_SLACK_MB} MB "
                 f"({limit:.0f} MB)", a["rss_run"], a["rss_run"] <= limit))
-    load = a["load"] / b["load"] if b else None
+    load = ratio.get("load")
     out.append(("load time <= 2x llama.cpp", load, None if load is None else load <= 2))
     return out
 
 
-def model_section(path: str, a: dict, b: dict, bw: float) -> tuple[list[str], list]:
+def summary(ours: list[dict], theirs: list[dict]) -> tuple[dict, dict, dict]:
+    """Each side's medians over the repetitions, and each ratio ours / llama.cpp as the
+    median of the repetitions' ratios (the two figures of a repetition measured back to
+    back); ours gains "mpp_pp", the median of its own multi-sequence prefill / prompt
+    ratios."""
+    a, b = median_dict(ours), median_dict(theirs)
+    a["mpp_pp"] = float(np.median([r[f"mpp{N_SEQ}"] / r["pp"] for r in ours]))
+    ratio = {k: float(np.median([o[k] / p[k] for o, p in zip(ours, theirs)]))
+             for k in b if k in a}
+    return a, b, ratio
+
+
+def model_section(path: str, ours: list[dict], theirs: list[dict], bw: float) -> tuple:
+    a, b, ratio = summary(ours, theirs)
     wbytes = weight_bytes_per_token(path)
     roof = bw * 1e9 / wbytes
     file_mb = os.path.getsize(path) / 2**20
     a["roof"] = a["tg"] / roof
     if b:
         b["roof"] = b["tg"] / roof
+        ratio["roof"] = ratio["tg"]
     lines = [f"## {Path(path).name}", "",
              "| measure | numba_hybrid | llama.cpp | ratio |", "|---|---|---|---|"]
     for key, label, fmt in ROWS:
-        theirs, ratio = "-", "-"
+        peer, r = "-", "-"
         if key in b:
-            theirs, ratio = fmt.format(b[key]), f"{a[key] / b[key]:.2f}x"
-        lines.append(f"| {label} | {fmt.format(a[key])} | {theirs} | {ratio} |")
+            peer, r = fmt.format(b[key]), f"{ratio[key]:.2f}x"
+        lines.append(f"| {label} | {fmt.format(a[key])} | {peer} | {r} |")
     lines += ["",
               f"- memory roofline: {bw:.1f} GB/s / {wbytes / 1e6:.1f} MB of weights per "
               f"token = {roof:.1f} tok/s",
@@ -274,7 +346,10 @@ def model_section(path: str, a: dict, b: dict, bw: float) -> tuple[list[str], li
               f"ratio {a['tg_ratio']:.3f}",
               f"- GGUF file {file_mb:.0f} MB; numba_hybrid state for {N_SEQ} slots x "
               f"{N_CTX} positions {a['state_mb']:.0f} MB", ""]
-    return lines, targets(a, b, file_mb)
+    if b:
+        each = ", ".join(f"{o['tg'] / p['tg']:.2f}x" for o, p in zip(ours, theirs))
+        lines[-1:-1] = [f"- generation ratio in each repetition: {each}"]
+    return lines, targets(a, ratio, file_mb)
 
 
 def targets_section(names: list[str], results: list[list]) -> list[str]:
@@ -311,11 +386,8 @@ def main() -> None:
     ap.add_argument("--rep", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
 
-    if args.worker:                         # one engine, one repetition, figures as JSON
-        path = args.model[0]
-        r = (worker_ours(path, args.threads, args.precision, args.rep) if args.worker == "ours"
-             else worker_peer(path, args.threads))
-        print("RESULT " + json.dumps(r), flush=True)
+    if args.worker:                         # one engine's process (see Worker)
+        worker(args)
         return
 
     import importlib.metadata
@@ -323,6 +395,7 @@ def main() -> None:
 
     import common
     import numba_hybrid as nh
+    from tqdm import tqdm
 
     if args.precision is None:
         args.precision = inspect.signature(nh.load).parameters["precision"].default
@@ -340,11 +413,12 @@ def main() -> None:
     names, all_targets = [], []
     for path in args.model:
         ours, theirs = [], []
-        for rep in range(args.reps):
-            engines = ["ours"] if args.no_peer else ["ours", "peer"][::1 if rep % 2 == 0 else -1]
-            for engine in engines:
-                (ours if engine == "ours" else theirs).append(run_worker(engine, path, args, rep))
-        section, tgt = model_section(path, median_dict(ours), median_dict(theirs), bw)
+        for rep in tqdm(range(args.reps), desc=Path(path).name, unit="repetition"):
+            a, b = repetition(path, args, rep)
+            ours.append(a)
+            if b:
+                theirs.append(b)
+        section, tgt = model_section(path, ours, theirs, bw)
         lines += section
         names.append(Path(path).name)
         all_targets.append(tgt)
