@@ -27,8 +27,10 @@ one engine and straight after on the other, which goes first alternating with th
 repetition: the two figures of a pair see the same state of the machine, whose speed
 drifts over seconds to minutes (a shared virtual machine more than most). Each side's
 figures are medians over the repetitions; each ratio is the median of the repetitions'
-ratios. Prints the tables and the targets (PASS/FAIL) and writes them to
-bench/results/<date>-cpu.md.
+ratios. The prompt of 512 tokens and the generation after it are measured SINGLE_ROUNDS
+times in each repetition (rounds of a prompt on each engine, then the generation on each),
+so generation's ratio is the median of reps x SINGLE_ROUNDS pairs. Prints the tables and
+the targets (PASS/FAIL) and writes them to bench/results/<date>-cpu.md.
 
     python bench/compare.py -m bench/models/a3b-8l-q4_k_m.gguf [-m ...] [-t 2] [-r 3]
 
@@ -56,6 +58,7 @@ PROMPT, GEN, PAR_PROMPT, PAR_GEN = 512, 128, 128, 64
 N_SEQ = 8                                   # slots / sequences of the parallel rows
 N_CTX = PROMPT + GEN + 8                    # positions per sequence
 SLOT_ROUNDS, SLOT_STEPS = 5, 48             # the 8-slot / 1-slot comparison
+SINGLE_ROUNDS = 3                           # the 512-token prompt and generation, per repetition
 N_BATCH = N_SEQ * PAR_PROMPT                # the largest batch: the 8-sequence prefill
 RSS_SLACK_MB = 300
 
@@ -205,9 +208,14 @@ class Worker:
         sys.exit(f"{self.name} failed (exit {self.proc.wait()}):\n{self.err.read()[-4000:]}")
 
     def ask(self, cmd: str) -> None:
+        """Run a command; a measurement's figure joins the list of its rounds."""
         self.proc.stdin.write(cmd + "\n")
         self.proc.stdin.flush()
-        self.figures.update(self._reply("RESULT "))
+        for key, value in self._reply("RESULT ").items():
+            if key in STEPS:
+                self.figures.setdefault(key, []).append(value)
+            else:
+                self.figures[key] = value
 
     def close(self) -> dict:
         self.proc.stdin.write("quit\n")
@@ -226,7 +234,8 @@ def repetition(path: str, args, rep: int) -> tuple[dict, dict]:
     workers = {}
     for engine in engines:
         workers[engine] = Worker(engine, path, args, rep)
-    for key in STEPS:
+    keys = list(STEPS)
+    for key in keys[:2] * SINGLE_ROUNDS + keys[2:]:
         for engine in engines:
             workers[engine].ask(key)
     for engine in engines:
@@ -311,13 +320,17 @@ def targets(a: dict, ratio: dict, file_mb: float) -> list:
 
 
 def summary(ours: list[dict], theirs: list[dict]) -> tuple[dict, dict, dict]:
-    """Each side's medians over the repetitions, and each ratio ours / llama.cpp as the
-    median of the repetitions' ratios (the two figures of a repetition measured back to
-    back); ours gains "mpp_pp", the median of its own multi-sequence prefill / prompt
-    ratios."""
-    a, b = median_dict(ours), median_dict(theirs)
-    a["mpp_pp"] = float(np.median([r[f"mpp{N_SEQ}"] / r["pp"] for r in ours]))
-    ratio = {k: float(np.median([o[k] / p[k] for o, p in zip(ours, theirs)]))
+    """Each side's medians over all rounds of all repetitions, and each ratio ours /
+    llama.cpp as the median of the rounds' ratios (the two figures of a round measured back
+    to back); ours gains "mpp_pp", the median over the repetitions of its own
+    multi-sequence prefill / prompt ratio (its median prompt of the repetition)."""
+    def values(runs, k):
+        return [v for r in runs for v in (r[k] if isinstance(r[k], list) else [r[k]])]
+
+    a = {k: float(np.median(values(ours, k))) for k in ours[0]}
+    b = {k: float(np.median(values(theirs, k))) for k in theirs[0]} if theirs else {}
+    a["mpp_pp"] = float(np.median([r[f"mpp{N_SEQ}"][0] / np.median(r["pp"]) for r in ours]))
+    ratio = {k: float(np.median(np.divide(values(ours, k), values(theirs, k))))
              for k in b if k in a}
     return a, b, ratio
 
@@ -347,8 +360,9 @@ def model_section(path: str, ours: list[dict], theirs: list[dict], bw: float) ->
               f"- GGUF file {file_mb:.0f} MB; numba_hybrid state for {N_SEQ} slots x "
               f"{N_CTX} positions {a['state_mb']:.0f} MB", ""]
     if b:
-        each = ", ".join(f"{o['tg'] / p['tg']:.2f}x" for o, p in zip(ours, theirs))
-        lines[-1:-1] = [f"- generation ratio in each repetition: {each}"]
+        each = "; ".join(", ".join(f"{x / y:.2f}" for x, y in zip(o["tg"], p["tg"]))
+                         for o, p in zip(ours, theirs))
+        lines[-1:-1] = [f"- generation ratio in each round, by repetition: {each}"]
     return lines, targets(a, ratio, file_mb)
 
 
@@ -366,10 +380,6 @@ def targets_section(names: list[str], results: list[list]) -> list[str]:
                 cells.append(f"{num} {'PASS' if ok else 'FAIL'}")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return lines + [""]
-
-
-def median_dict(runs: list[dict]) -> dict:
-    return {k: float(np.median([r[k] for r in runs])) for k in runs[0]} if runs else {}
 
 
 def main() -> None:
