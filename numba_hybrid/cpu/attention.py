@@ -132,8 +132,9 @@ def attention(qg, kx, vx, q_norm, k_norm, eps, inv_freq, k_cache, v_cache, posit
         total = np.empty(group, np.float32)
         for r in range(group):
             m = np.float32(-np.inf)
-            for j in range(p + 1):
-                m = max(m, scores[r, j])
+            for j in range(p + 1):     # not max(): numba calls it, once per score
+                if scores[r, j] > m:
+                    m = scores[r, j]
             for j in range(p + 1):
                 scores[r, j] = exp32(scores[r, j] - m)
             tr = np.float32(0.0)        # a loop of its own: no loop both stores and sums

@@ -29,7 +29,8 @@ def route(logits, k, experts, weights):
     for t in prange(T):
         m = logits[t, 0]
         for e in range(E):
-            m = max(m, logits[t, e])
+            if logits[t, e] > m:
+                m = logits[t, e]
         p = np.empty(E, np.float32)
         s = np.float32(0.0)
         for e in range(E):
