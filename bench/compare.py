@@ -8,7 +8,8 @@ What is measured, per model file, with the same thread count for both engines:
   prompts of 128 tokens in one batch (8 sequence ids);
 - numba_hybrid's single-sequence generation with 8 slots configured against 1 slot (a
   second model with n_slots=1; rounds of a 512-token prompt and 48 generated tokens on
-  each model in turn, in the same process; the median of the rounds' ratios);
+  each model in turn, in the same process, 9 per repetition; the median of all rounds'
+  ratios);
 - generation as a fraction of the memory roofline: the measured streaming read bandwidth
   over the bytes of weights one token reads (from the GGUF tensor sizes: every tensor, the
   routed experts scaled by n_expert_used / n_expert, the token embedding one row only
@@ -57,7 +58,7 @@ os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 PROMPT, GEN, PAR_PROMPT, PAR_GEN = 512, 128, 128, 64
 N_SEQ = 8                                   # slots / sequences of the parallel rows
 N_CTX = PROMPT + GEN + 8                    # positions per sequence
-SLOT_ROUNDS, SLOT_STEPS = 5, 48             # the 8-slot / 1-slot comparison
+SLOT_ROUNDS, SLOT_STEPS = 9, 48             # the 8-slot / 1-slot comparison
 SINGLE_ROUNDS = 3                           # the 512-token prompt and generation, per repetition
 N_BATCH = N_SEQ * PAR_PROMPT                # the largest batch: the 8-sequence prefill
 RSS_SLACK_MB = 300
@@ -140,8 +141,8 @@ def load_ours(path: str, threads: int, precision: str, n_slots: int = N_SEQ):
 def slot_rounds(m, path: str, args, ids) -> dict:
     """numba_hybrid with 8 slots against 1: a second model, loaded after the RSS figures.
     Rounds of a prompt and SLOT_STEPS generated tokens on each model in turn (which goes
-    first alternates), so that both see the same machine; the ratio is the median of the
-    rounds' ratios."""
+    first alternates), so that both see the same machine: each model's speeds and their
+    ratios, by round (summary takes the medians over all rounds of all repetitions)."""
     m1 = load_ours(path, args.threads, args.precision, 1)
     warm_up(m1, ids, parallel=False)
     speeds = {N_SEQ: [], 1: []}
@@ -149,8 +150,8 @@ def slot_rounds(m, path: str, args, ids) -> dict:
         for n_slots, eng in [(N_SEQ, m), (1, m1)][::1 if (args.rep + k) % 2 else -1]:
             _prompt(eng, ids, 1)
             speeds[n_slots].append(_generate(eng, ids, 1, PROMPT, SLOT_STEPS))
-    return {"tg8": float(np.median(speeds[N_SEQ])), "tg1": float(np.median(speeds[1])),
-            "tg_ratio": float(np.median(np.divide(speeds[N_SEQ], speeds[1])))}
+    return {"tg8": speeds[N_SEQ], "tg1": speeds[1],
+            "tg_ratio": list(np.divide(speeds[N_SEQ], speeds[1]))}
 
 
 def worker(args) -> None:
@@ -227,7 +228,7 @@ class Worker:
 
 def repetition(path: str, args, rep: int) -> tuple[dict, dict]:
     """Both engines in processes alive together, loaded one after the other; then every
-    measurement on one and at once on the other (which goes first alternates with the
+    measurement on one and straight after on the other (which goes first alternates with the
     repetition), so that each pair of figures saw the same state of the machine. Returns
     (ours, peer's) figures; the peer's are empty with --no-peer."""
     engines = ["ours"] if args.no_peer else ["ours", "peer"][::1 if rep % 2 == 0 else -1]
@@ -355,8 +356,9 @@ def model_section(path: str, ours: list[dict], theirs: list[dict], bw: float) ->
               f"- memory roofline: {bw:.1f} GB/s / {wbytes / 1e6:.1f} MB of weights per "
               f"token = {roof:.1f} tok/s",
               f"- generation with {N_SEQ} slots / 1 slot configured (measured alternately "
-              f"in one process, median of rounds): {a['tg8']:.1f} / {a['tg1']:.1f}; "
-              f"ratio {a['tg_ratio']:.3f}",
+              f"in one process; medians over all rounds, {SLOT_ROUNDS} per repetition): "
+              f"{a['tg8']:.1f} / {a['tg1']:.1f}; ratio {a['tg_ratio']:.3f} (by repetition: "
+              + ", ".join(f"{np.median(r['tg_ratio']):.3f}" for r in ours) + ")",
               f"- GGUF file {file_mb:.0f} MB; numba_hybrid state for {N_SEQ} slots x "
               f"{N_CTX} positions {a['state_mb']:.0f} MB", ""]
     if b:
