@@ -181,7 +181,8 @@ def _halves(builder, base, offset):
 
 
 class _Call:
-    """The kernel call's arguments: pointers to the panels, the tokens' activation rows."""
+    """The kernel call's arguments: pointers to the panels, the tokens' activation rows;
+    and the locality of its weights' prefetches (see NON_TEMPORAL)."""
 
     def __init__(self, context, builder, sig, args, ng, nt):
         arr = [context.make_array(t)(context, builder, a) if isinstance(t, types.Array) else None
@@ -206,6 +207,8 @@ class _Call:
         self.out_stride = builder.extract_value(out.strides, 0)
         self.n_out = builder.extract_value(out.shape, 1)
         self.i0, self.g0 = i0, g0
+        # the weights' prefetch: a call of one panel and one token reads them once
+        self.locality = NON_TEMPORAL if ng == 1 and nt == 1 else 3
 
 
 def _add_scaled(builder, call, accs, r, t, isum, w_scale, xd_index):
@@ -321,7 +324,6 @@ _BLOCK = {Q4_K: _q4_k_block, Q6_K: _q6_k_block}
 
 def _emit(context, builder, sig, args, kind, ng, nt, vnni):
     call = _Call(context, builder, sig, args, ng, nt)
-    call.locality = NON_TEMPORAL if ng == 1 and nt == 1 else 3
     accs = [[cgutils.alloca_once_value(builder, ir.Constant(V16F, None)) for _ in range(nt)]
             for _ in range(ng)]
     n_blocks = builder.udiv(call.K, _c(BLOCK_INPUTS[kind]))
